@@ -1,0 +1,15 @@
+"""fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
+
+from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
+from fntk.operators import JacobianOperator, NTKOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Linearized",
+    "JacobianOperator",
+    "NTKOperator",
+    "get_memory_budget",
+    "set_memory_budget",
+    "__version__",
+]

@@ -1,0 +1,223 @@
+"""Matrix-free linear operators of a linearized network, as linear_operator ``LinearOperator``s.
+
+- :class:`JacobianOperator` J(x): (n·k × p); ``@`` is J·v (one jvp), ``.mT @`` is Jᵀ·u (one vjp).
+- :class:`NTKOperator` K = J(x1) J(x2)ᵀ: (n1·k × n2·k), or (n1 × n2) for one output; ``@`` is one
+  vjp over x2 then one jvp over x1, both vmapped over the r columns.
+
+Rows of a function-space operator are point-major: row i·k + c is output c of point i. Because
+they are ``LinearOperator``s, linear_operator's CG solves, Lanczos, ``to_dense`` and GPyTorch's
+ExactGP machinery all work on them without forming J.
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from fntk.linearize import Linearized
+
+
+def _as_columns(rhs: Tensor) -> tuple[Tensor, tuple[int, ...], bool]:
+    """(*b, N, r) or (N,) → (N, prod(b)·r), remembering how to undo it."""
+    if rhs.dim() == 1:
+        return rhs[:, None], (), True
+    batch = tuple(rhs.shape[:-2])
+    N, r = rhs.shape[-2:]
+    cols = rhs.reshape(-1, N, r).permute(1, 0, 2).reshape(N, -1)
+    return cols, batch + (r,), False
+
+
+def _from_columns(out: Tensor, shape: tuple[int, ...], vector: bool) -> Tensor:
+    """Inverse of :func:`_as_columns` for a result with M rows."""
+    if vector:
+        return out[:, 0]
+    M = out.shape[0]
+    *batch, r = shape
+    return out.reshape(M, -1, r).permute(1, 0, 2).reshape(*batch, M, r)
+
+
+def _check_output(lin: Linearized, output: int | str) -> int | str:
+    k = lin.num_outputs
+    if output == "full":
+        return output
+    if isinstance(output, bool) or not isinstance(output, int):
+        raise ValueError(f"outputs must be 'full' or an int output index, got {output!r}")
+    if not -k <= output < k:
+        raise ValueError(f"outputs={output} is out of range for a model with k={k} outputs")
+    return output % k
+
+
+class JacobianOperator(LinearOperator):
+    """J(x) as an (n·k × p) operator; ``transposed=True`` gives Jᵀ (p × n·k).
+
+    Args:
+        lin: the :class:`~fntk.Linearized` model.
+        x: inputs (n, ...).
+    """
+
+    def __init__(self, lin: Linearized, x: Tensor, transposed: bool = False, _checked: bool = False):
+        if not isinstance(lin, Linearized):
+            raise TypeError(f"lin must be a fntk.Linearized, got {type(lin).__name__}")
+        x = x if _checked else lin.check_input(x)
+        # all keyword arguments: linear_operator rebuilds operators as cls(**kwargs) from these
+        super().__init__(lin=lin, x=x, transposed=transposed, _checked=True)
+        self.lin, self.x, self.transposed = lin, x, transposed
+        self._nk = x.shape[0] * lin.num_outputs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lin.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lin.device
+
+    def _size(self) -> torch.Size:
+        p = self.lin.num_params
+        return torch.Size((p, self._nk) if self.transposed else (self._nk, p))
+
+    def _transpose_nonbatch(self) -> JacobianOperator:
+        return JacobianOperator(self.lin, self.x, transposed=not self.transposed, _checked=True)
+
+    def _apply(self, cols: Tensor, transpose: bool) -> Tensor:
+        lin, n, k = self.lin, self.x.shape[0], self.lin.num_outputs
+        if transpose:  # Jᵀ U: (n·k, r) → (p, r)
+            return lin.vjp_mat(self.x, cols.reshape(n, k, -1))
+        return lin.jvp_mat(self.x, cols).reshape(n * k, -1)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        cols, shape, vec = _as_columns(rhs.to(self.dtype))
+        return _from_columns(self._apply(cols, self.transposed), shape, vec)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        cols, shape, vec = _as_columns(rhs.to(self.dtype))
+        return _from_columns(self._apply(cols, not self.transposed), shape, vec)
+
+    def to_dense(self) -> Tensor:
+        J = self.lin.jacobian_mat(self.x).reshape(self._nk, -1)
+        return J.T if self.transposed else J
+
+
+class NTKOperator(LinearOperator):
+    r"""The empirical NTK K(x1, x2) = J(x1) J(x2)ᵀ as a matrix-free operator.
+
+    Shapes: (n1·k × n2·k) with ``outputs="full"`` (row i·k + c = output c of point i), or
+    (n1 × n2) with ``outputs=c`` (the kernel of output c alone: J_c(x1) J_c(x2)ᵀ).
+    ``K @ V`` costs one batched vjp over x2 and one batched jvp over x1, for all r columns at once.
+
+    Args:
+        lin: the :class:`~fntk.Linearized` model.
+        x1: inputs (n1, ...).
+        x2: inputs (n2, ...); ``None`` means x1 (then K is symmetric PSD).
+        outputs: ``"full"`` or an output index.
+    """
+
+    def __init__(
+        self,
+        lin: Linearized,
+        x1: Tensor,
+        x2: Tensor | None = None,
+        outputs: int | str = "full",
+        _checked: bool = False,
+    ):
+        if not isinstance(lin, Linearized):
+            raise TypeError(f"lin must be a fntk.Linearized, got {type(lin).__name__}")
+        if not _checked:
+            x1 = lin.check_input(x1, "x1")
+            x2 = x1 if x2 is None else lin.check_input(x2, "x2")
+            outputs = _check_output(lin, outputs)
+        elif x2 is None:
+            x2 = x1
+        super().__init__(lin=lin, x1=x1, x2=x2, outputs=outputs, _checked=True)
+        self.lin, self.x1, self.x2, self.outputs = lin, x1, x2, outputs
+        self._k = lin.num_outputs if outputs == "full" else 1
+
+    @property
+    def symmetric(self) -> bool:
+        return self.x1 is self.x2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lin.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lin.device
+
+    def _size(self) -> torch.Size:
+        return torch.Size((self.x1.shape[0] * self._k, self.x2.shape[0] * self._k))
+
+    def _transpose_nonbatch(self) -> NTKOperator:
+        if self.symmetric:
+            return self
+        return NTKOperator(self.lin, self.x2, self.x1, self.outputs, _checked=True)
+
+    def _cotangent(self, cols: Tensor) -> Tensor:
+        """Columns (n2·k', r) → cotangents (n2, k, r), zero outside the selected output."""
+        n2, k = self.x2.shape[0], self.lin.num_outputs
+        if self.outputs == "full":
+            return cols.reshape(n2, k, -1)
+        U = cols.new_zeros(n2, k, cols.shape[1])
+        U[:, self.outputs] = cols
+        return U
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        cols, shape, vec = _as_columns(rhs.to(self.dtype))
+        W = self.lin.vjp_mat(self.x2, self._cotangent(cols))  # (p, r)
+        F = self.lin.jvp_mat(self.x1, W)  # (n1, k, r)
+        F = F.reshape(-1, F.shape[-1]) if self.outputs == "full" else F[:, self.outputs]
+        return _from_columns(F, shape, vec)
+
+    def _jac_rows(self, x: Tensor) -> Tensor:
+        """Rows of J for this operator's outputs: (n·k', p)."""
+        if self.outputs == "full":
+            return self.lin.jacobian_mat(x).reshape(-1, self.lin.num_params)
+        return self.lin.jacobian_mat(x, self.outputs)
+
+    def _diagonal(self) -> Tensor:
+        """Exact diagonal ‖J_ic(x)‖² (x1 = x2): per-example gradient norms, chunked, no point loop."""
+        if not self.symmetric:
+            return super()._diagonal()
+        n, k = self.x1.shape[0], self._k
+        per = self.lin._rows_per_chunk(k, extra_per_row=2 * k * self.lin.num_params)
+        parts = [self._jac_rows(self.x1[s]).square().sum(-1) for s in self.lin._chunks(n, per)]
+        return torch.cat(parts)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Rows and columns are points when k' == 1: index the inputs, stay matrix-free."""
+        if self._k != 1 or batch_indices:
+            return super()._getitem(row_index, col_index, *batch_indices)
+        x1, x2 = self.x1[row_index], self.x2[col_index]
+        if self.symmetric and _same_index(row_index, col_index):
+            x2 = None
+        return NTKOperator(self.lin, x1, x2, self.outputs, _checked=True)
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices) -> Tensor:
+        """Selected entries K[row, col] from the Jacobian rows of just the points involved."""
+        if batch_indices:
+            return super()._get_indices(row_index, col_index, *batch_indices)
+        shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
+        r, c = row_index.expand(shape).reshape(-1), col_index.expand(shape).reshape(-1)
+        k = self._k
+        ur, r_inv = torch.unique(r // k, return_inverse=True)
+        uc, c_inv = torch.unique(c // k, return_inverse=True)
+        Jr = self._jac_rows(self.x1[ur]).reshape(len(ur), k, -1)[r_inv, r % k]
+        Jc = self._jac_rows(self.x2[uc]).reshape(len(uc), k, -1)[c_inv, c % k]
+        return (Jr * Jc).sum(-1).reshape(shape)
+
+    def to_dense(self) -> Tensor:
+        J1 = self._jac_rows(self.x1)
+        J2 = J1 if self.symmetric else self._jac_rows(self.x2)
+        return J1 @ J2.T
+
+
+def _same_index(a, b) -> bool:
+    if isinstance(a, slice) and isinstance(b, slice):
+        return a == b
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return False
+
+
+__all__ = ["JacobianOperator", "NTKOperator"]
