@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from models import CASES, make
-from reference import assert_same_fingerprint, dense_jacobian, eval_forward, fingerprint, rel_err
 
 import fntk
+
+from models import CASES, make
+from reference import assert_same_fingerprint, dense_jacobian, eval_forward, fingerprint, rel_err
 
 TOL = 1e-10
 
@@ -152,4 +153,4 @@ def test_selection_errors():
 def test_num_outputs_before_forward_is_clear():
     model, _, _ = make("mlp")
     with pytest.raises(RuntimeError, match="first forward"):
-        fntk.Linearized(model).num_outputs
+        _ = fntk.Linearized(model).num_outputs

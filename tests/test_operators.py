@@ -3,10 +3,11 @@
 import linear_operator
 import pytest
 import torch
-from models import CASES, make
-from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_err
 
 import fntk
+
+from models import CASES, make
+from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_err
 
 TOL = 1e-10
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-ParamSelection = Union[None, Iterable[str], Callable[[str, Tensor], bool]]
+ParamSelection = Union[None, Iterable[str], Callable[[str, Tensor], bool]]  # noqa: UP007 (runtime alias)
 
 #: Default working-memory budget (bytes) of one batched product or Jacobian chunk. Override per
 #: object (``Linearized(..., memory_budget=...)``) or globally with :func:`set_memory_budget`.
