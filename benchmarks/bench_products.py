@@ -1,0 +1,73 @@
+"""NTK-vector product speed: fntk.NTKOperator @ V against the paper code's column loop.
+
+2-500-500-1 tanh MLP, n = 2000 inputs of dimension 2, r = 16 columns, float32 and float64.
+Also the ratio of one NTKOperator @ V to r plain forward+backward passes (the physical reference
+for a kernel product: J(JᵀV) needs at least one backward and one forward-mode pass per column).
+
+    python benchmarks/bench_products.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_time, machine_note, mlp, write_section  # noqa: E402
+from paper_baseline import paper_ntk_matmul  # noqa: E402
+
+import fntk  # noqa: E402
+
+
+def run(n: int, r: int, dtype: torch.dtype, repeats: int) -> dict:
+    model = mlp([2, 500, 500, 1], dtype=dtype)
+    x = torch.randn(n, 2, dtype=dtype)
+    V = torch.randn(n, r, dtype=dtype)
+    lin = fntk.Linearized(model)
+    op = fntk.NTKOperator(lin, x)
+    ours = op @ V
+    ref = paper_ntk_matmul(model, x, V[:, None, :])[:, 0]
+    err = float((ours - ref).norm() / ref.norm())
+    t_ours = best_time(lambda: op @ V, repeats)
+    t_paper = best_time(lambda: paper_ntk_matmul(model, x, V[:, None, :]), repeats)
+
+    def fwd_bwd():
+        for _ in range(r):
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+
+    t_grad = best_time(fwd_bwd, repeats)
+    model.zero_grad(set_to_none=True)
+    return dict(dtype=str(dtype).replace("torch.", ""), ours=t_ours, paper=t_paper, grad=t_grad, err=err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="n = 500, one repeat")
+    args = ap.parse_args()
+    n, r, repeats = (500, 16, 1) if args.quick else (2000, 16, 3)
+    rows = [run(n, r, dt, repeats) for dt in (torch.float32, torch.float64)]
+    lines = [
+        f"2-500-500-1 tanh MLP (p = 251,501), n = {n}, r = {r}. Best of {repeats} after a warm-up.",
+        machine_note(),
+        "",
+        "| dtype | NTKOperator @ V (s) | paper column loop (s) | speed-up | r × (fwd+bwd) (s) "
+        "| ours / r·grad | rel. diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w in rows:
+        lines.append(
+            f"| {w['dtype']} | {w['ours']:.3f} | {w['paper']:.3f} | {w['paper'] / w['ours']:.1f}x "
+            f"| {w['grad']:.3f} | {w['ours'] / w['grad']:.2f} | {w['err']:.1e} |"
+        )
+    body = "\n".join(lines)
+    print(body)
+    if not args.quick:
+        write_section("NTK-vector products (issue 2)", body)
+
+
+if __name__ == "__main__":
+    main()
