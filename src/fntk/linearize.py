@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from fntk import distributed
+
 ParamSelection = Union[None, Iterable[str], Callable[[str, Tensor], bool]]  # noqa: UP007 (runtime alias)
 
 #: Default working-memory budget (bytes) of one batched product or Jacobian chunk. Override per
@@ -195,6 +197,7 @@ class Linearized:
             )
         if self._feature_shape is None:
             self._probe(x, name)
+        distributed.check_same(x, name)
         return x
 
     def _probe(self, x: Tensor, name: str) -> None:
@@ -279,8 +282,24 @@ class Linearized:
         """f(x; θ̂): (n, k)."""
         x = self.check_input(x)
         size = self._rows_per_chunk(0)
-        with torch.no_grad():
-            return torch.cat([self.function(x[s])(self._theta) for s in self._chunks(x.shape[0], size)])
+
+        def rows(xs: Tensor) -> Tensor:
+            with torch.no_grad():
+                return torch.cat([self.function(xs[s])(self._theta) for s in self._chunks(xs.shape[0], size)])
+
+        return self._by_rank(rows, x)
+
+    def _by_rank(self, fn: Callable[..., Tensor], x: Tensor, *row_args: Tensor) -> Tensor:
+        """fn(x, *row_args) on all rows; under torch.distributed each rank does its shard of the
+        rows and the row blocks are all-gathered."""
+        if not distributed.is_active():
+            return fn(x, *row_args)
+        n, s = x.shape[0], distributed.shard(x.shape[0])
+        if s.stop > s.start:
+            local = fn(x[s], *(a[s] for a in row_args))
+        else:  # more ranks than rows: an empty block of the right trailing shape
+            local = fn(x[:1], *(a[:1] for a in row_args))[:0]
+        return distributed.gather_rows(local, n)
 
     def _jvp_block(self, x: Tensor, V: Tensor) -> Tensor:
         """J(x) V for V (p, r) → (n, k, r): one forward, tangents vmapped over columns."""
@@ -301,16 +320,22 @@ class Linearized:
     def jvp_mat(self, x: Tensor, V: Tensor) -> Tensor:
         """J(x) V on checked inputs: V (p, r) → (n, k, r), chunked over points to the budget."""
         size = self._rows_per_chunk(V.shape[1])
-        return torch.cat([self._jvp_block(x[s], V) for s in self._chunks(x.shape[0], size)])
+
+        def rows(xs: Tensor) -> Tensor:
+            return torch.cat([self._jvp_block(xs[s], V) for s in self._chunks(xs.shape[0], size)])
+
+        return self._by_rank(rows, x)
 
     def vjp_mat(self, x: Tensor, U: Tensor) -> Tensor:
-        """J(x)ᵀ U on checked inputs: U (n, k, r) → (p, r), chunked over points and summed."""
+        """J(x)ᵀ U on checked inputs: U (n, k, r) → (p, r), chunked over points and summed
+        (under torch.distributed: over this rank's rows, then all-reduced)."""
         size = self._rows_per_chunk(U.shape[2])
-        out = None
-        for s in self._chunks(x.shape[0], size):
-            part = self._vjp_block(x[s], U[s])
-            out = part if out is None else out + part
-        return out
+        rows = distributed.shard(x.shape[0]) if distributed.is_active() else slice(0, x.shape[0])
+        out = U.new_zeros(self.num_params, U.shape[2])
+        for s in self._chunks(rows.stop - rows.start, size):
+            s = slice(s.start + rows.start, s.stop + rows.start)
+            out = out + self._vjp_block(x[s], U[s])
+        return distributed.all_reduce_sum(out) if distributed.is_active() else out
 
     def jvp(self, x: Tensor, v: Tensor) -> Tensor:
         """J(x) v. x: (n, ...); v: (p,) → (n, k), or (p, r) → (n, k, r)."""
@@ -339,7 +364,11 @@ class Linearized:
         k = self.num_outputs if output is None else 1
         size = self._rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
         per_point = jacrev_per_example(self, output)
-        return torch.cat([per_point(x[s]) for s in self._chunks(x.shape[0], size)])
+
+        def rows(xs: Tensor) -> Tensor:
+            return torch.cat([per_point(xs[s]) for s in self._chunks(xs.shape[0], size)])
+
+        return self._by_rank(rows, x)
 
     def __call__(self, x: Tensor, w: Tensor) -> Tensor:
         """f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂). x: (n, ...); w: (p,) → (n, k)."""

@@ -1,0 +1,81 @@
+"""Worker functions run in spawned processes by tests/test_distributed.py (gloo, loopback)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only; the default interface may not route
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+
+
+def products(rank: int, world: int, port: int, out: str, case: str) -> None:
+    """Every product of Linearized and the operators, saved by rank 0."""
+    import fntk
+
+    from models import make
+
+    _init(rank, world, port)
+    try:
+        model, x1, x2 = make(case)
+        lin = fntk.Linearized(model)
+        g = torch.Generator().manual_seed(3)
+        V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
+        res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
+        U = torch.randn(*res["forward"].shape, 5, generator=g, dtype=torch.float64)
+        res["vjp"] = lin.vjp(x1, U)
+        K = fntk.NTKOperator(lin, x1, x2)
+        W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
+        res["ntk_matmul"] = K @ W
+        res["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
+        res["ntk_dense"] = K.to_dense()
+        if rank == 0:
+            torch.save(res, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
+    """Ranks pass different x: every rank must raise the same clear ValueError."""
+    import fntk
+
+    from models import make
+
+    _init(rank, world, port)
+    try:
+        model, x1, _ = make(case)
+        lin = fntk.Linearized(model)
+        try:
+            lin.forward(x1 + rank)
+        except ValueError as err:
+            with open(f"{out}.{rank}", "w") as fh:
+                fh.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def failing(rank: int, world: int, port: int, out: str, case: str) -> None:
+    """Rank 1 raises mid-way while rank 0 waits in a collective."""
+    import fntk
+
+    from models import make
+
+    _init(rank, world, port)
+    model, x1, _ = make(case)
+    lin = fntk.Linearized(model)
+    if rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    lin.vjp(x1, torch.ones(x1.shape[0], 1, dtype=torch.float64))

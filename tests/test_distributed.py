@@ -1,0 +1,61 @@
+"""Two gloo ranks on loopback give the single-process results (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fntk
+
+import dist_worker
+from models import make
+from reference import rel_err
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, out, case="mlp", world=2, join=True):
+    return mp.spawn(fn, args=(world, _port(), str(out), case), nprocs=world, join=join)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_two_ranks_match_single_process(tmp_path, case):
+    out = tmp_path / "res.pt"
+    _spawn(dist_worker.products, out, case)
+    got = torch.load(out, weights_only=True)
+    model, x1, x2 = make(case)
+    lin = fntk.Linearized(model)
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
+    ref = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
+    U = torch.randn(*ref["forward"].shape, 5, generator=g, dtype=torch.float64)
+    ref["vjp"] = lin.vjp(x1, U)
+    K = fntk.NTKOperator(lin, x1, x2)
+    W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
+    ref["ntk_matmul"] = K @ W
+    ref["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
+    ref["ntk_dense"] = K.to_dense()
+    for key, value in ref.items():
+        assert rel_err(got[key], value) <= 1e-10, key
+
+
+def test_mismatched_inputs_are_reported_on_every_rank(tmp_path):
+    out = tmp_path / "err"
+    _spawn(dist_worker.mismatched, out)
+    for r in (0, 1):
+        assert "differs between ranks" in (tmp_path / f"err.{r}").read_text()
+
+
+def test_failing_rank_ends_the_group_quickly(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="deliberate failure on rank 1"):
+        _spawn(dist_worker.failing, tmp_path / "x")
+    assert time.monotonic() - t0 < 60
