@@ -1,49 +1,91 @@
-"""The ``fntk`` command line."""
+"""The ``fntk`` command line: ``fntk demo``, ``fntk run EXPERIMENT``, ``fntk bench``.
+
+Works under ``torchrun`` (``torchrun --nproc-per-node 2 -m fntk run malaria``): the process group
+is initialised from torchrun's environment, the data rows are sharded across ranks, and rank 0
+alone prints and writes files.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from fntk import distributed
 
 
-def _demo(_args: argparse.Namespace) -> int:
-    """A small linearization demo: a tanh MLP, its Jacobian products and its NTK."""
-    import torch
+def _config(args: argparse.Namespace):
+    from fntk.experiments.common import RunConfig
 
-    from fntk import Linearized, NTKOperator
+    out = Path(args.out) if args.out else Path("results") / args.experiment
+    data = Path(args.data) if args.data else None
+    return RunConfig(out=out, data=data, seed=args.seed, quick=args.quick)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 40), torch.nn.Tanh(), torch.nn.Linear(40, 40), torch.nn.Tanh(), torch.nn.Linear(40, 1)
-    ).double()
-    x = torch.linspace(-5, 5, 200, dtype=torch.float64)[:, None]
-    y = torch.sin(x)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(500):
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-    lin = Linearized(model)
-    K = NTKOperator(lin, x[::20])
-    v = torch.randn(lin.num_params, dtype=torch.float64)
-    w = lin.theta + 1e-3 * v
-    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    torch.nn.utils.vector_to_parameters(w, model.parameters())
-    f_w = model(x).detach()
-    torch.nn.utils.vector_to_parameters(flat, model.parameters())
-    gap = float((lin(x, w) - f_w).abs().max())
-    print(f"tanh MLP with p = {lin.num_params} parameters, k = {lin.num_outputs} output")
-    print(f"max |f_lin(x; θ̂+δ) − f(x; θ̂+δ)| for |δ| ~ 1e-3: {gap:.2e} (second order)")
-    print("NTK on 10 points (diagonal):", [round(float(d), 2) for d in K.diagonal()])
+
+def _run(args: argparse.Namespace) -> int:
+    from fntk import experiments
+
+    module = experiments.load(args.experiment)
+    module.run(_config(args))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fntk", description="Analytic transfer through linearized networks.")
+def _demo(args: argparse.Namespace) -> int:
+    args.experiment = "sine"
+    args.out = args.out or "results/demo"
+    args.data, args.seed = None, args.seed
+    return _run(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    args.experiment, args.data = "speed", None
+    args.out = args.out or "results/bench"
+    return _run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fntk.experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(
+        prog="fntk", description="Analytic transfer through linearized networks."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="the main job: a short demonstration").set_defaults(func=_demo)
+
+    demo = sub.add_parser("demo", help="the main job: sine-wave transfer, a table and a figure")
+    demo.add_argument("--out", default=None, help="output folder (default results/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="fewer tasks and seeds")
+    demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="run one experiment")
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    run.add_argument("--out", default=None, help="output folder (default results/EXPERIMENT)")
+    run.add_argument("--data", default=None, help="folder laid out like shared/data (default: $FNTK_DATA)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--quick", action="store_true", help="a reduced run (seconds to a minute)")
+    run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="kernel/product/inference speed versus baselines")
+    bench.add_argument("--out", default=None, help="output folder (default results/bench)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quick", action="store_true", help="a reduced grid in under a minute")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed.init()
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as err:
+        # expected user errors (missing data path, bad option): one line, no traceback
+        if distributed.is_main():
+            print(f"fntk: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

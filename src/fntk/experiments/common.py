@@ -1,0 +1,117 @@
+"""What every experiment shares: run configuration, result tables, results.json, source caches."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fntk import distributed
+
+
+@dataclass
+class RunConfig:
+    """Options common to all experiments (the CLI's ``run`` flags)."""
+
+    out: Path
+    data: Path | None = None
+    seed: int = 0
+    quick: bool = False
+    cache: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.cache is None:
+            env = os.environ.get("FNTK_CACHE")
+            self.cache = Path(env) if env else self.out / "cache"
+        self.cache = Path(self.cache)
+
+
+def progress(it: Iterable, desc: str, total: int | None = None) -> Iterable:
+    """A tqdm progress bar on the main rank only (stderr), silent elsewhere."""
+    return tqdm(it, desc=desc, total=total, leave=False, disable=not distributed.is_main())
+
+
+def cached_state(cache: Path, key: str, train: Callable[[], torch.nn.Module], model: torch.nn.Module):
+    """Load ``model``'s weights from ``cache/key.pt`` if present, else ``train()`` and save them."""
+    path = Path(cache) / f"{key}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    trained = train()
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trained.state_dict(), path)
+    return trained
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = [float(x) for x in values]
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, s
+
+
+def summarize(records: list[dict[str, Any]], by: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
+    """Group per-seed/task records by the ``by`` keys and give mean and std of each metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec[k] for k in by), []).append(rec)
+    rows = []
+    for key, recs in groups.items():
+        row = dict(zip(by, key))
+        for m in metrics:
+            vals = [r[m] for r in recs if r.get(m) is not None and math.isfinite(r[m])]
+            row[m], row[m + "_std"] = mean_std(vals) if vals else (float("nan"), float("nan"))
+        row["count"] = len(recs)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], by: tuple[str, ...], metrics: tuple[str, ...], digits: int = 3) -> str:
+    """A Markdown table: one row per group, ``mean ± std`` per metric."""
+    head = "| " + " | ".join([*by, *metrics]) + " |"
+    sep = "|" + "---|" * (len(by) + len(metrics))
+    lines = [head, sep]
+    for r in rows:
+        cells = [str(r[k]) for k in by]
+        cells += [f"{r[m]:.{digits}g} ± {r[m + '_std']:.{digits}g}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    """results.json in ``out`` (main rank only); non-finite floats become null."""
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, torch.Tensor):
+            return clean(o.tolist())
+        if isinstance(o, Path):
+            return str(o)
+        return o
+
+    path = Path(out) / "results.json"
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(clean(results), indent=2))
+    return path
+
+
+def say(*args: Any) -> None:
+    """print on the main rank only."""
+    if distributed.is_main():
+        print(*args, flush=True)
