@@ -1,0 +1,205 @@
+"""Likelihoods against torch.distributions log-probabilities and autograd Hessians (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.functional import hessian
+from torch.distributions import Bernoulli as DBernoulli
+from torch.distributions import Categorical as DCategorical
+from torch.distributions import Normal, Poisson
+
+from fntk import likelihoods as L
+
+from reference import rel_err
+
+TOL = 1e-10
+N = 5
+D64 = torch.float64
+
+
+def data(name, k, g):
+    """(likelihood, reference log-prob function (f_i, y_i) -> scalar, f (N, k), y)."""
+    f = torch.randn(N, k, generator=g, dtype=D64)
+    if name == "gaussian":
+        sigma = torch.rand(k, generator=g, dtype=D64) + 0.5
+        return (
+            L.Gaussian(sigma),
+            lambda fi, yi: Normal(fi, sigma).log_prob(yi).sum(),
+            f,
+            torch.randn(N, k, dtype=D64),
+        )
+    if name == "hetero_softplus":
+        return (
+            L.HeteroscedasticGaussian("softplus"),
+            _het_logp(F.softplus),
+            f,
+            torch.randn(N, k // 2, dtype=D64),
+        )
+    if name == "hetero_exp":
+        return L.HeteroscedasticGaussian("exp"), _het_logp(torch.exp), f, torch.randn(N, k // 2, dtype=D64)
+    if name == "categorical":
+        return (
+            L.Categorical(),
+            lambda fi, yi: DCategorical(logits=fi).log_prob(yi),
+            f,
+            torch.randint(0, k, (N,)),
+        )
+    if name == "bernoulli":
+        y = torch.randint(0, 2, (N, k)).to(D64)
+        return L.Bernoulli(), lambda fi, yi: DBernoulli(logits=fi).log_prob(yi).sum(), f, y
+    if name == "poisson":
+        y = torch.randint(0, 6, (N, k)).to(D64)
+        return L.Poisson(), lambda fi, yi: Poisson(fi.exp()).log_prob(yi).sum(), f, y
+    raise KeyError(name)
+
+
+def _het_logp(link):
+    def logp(fi, yi):
+        d = fi.shape[0] // 2
+        return Normal(fi[:d], link(fi[d:]).sqrt()).log_prob(yi).sum()
+
+    return logp
+
+
+CANONICAL = [("gaussian", 3), ("categorical", 4), ("bernoulli", 1), ("bernoulli", 3), ("poisson", 2)]
+HETERO = [("hetero_softplus", 2), ("hetero_exp", 4)]
+
+
+def fisher_reference(name, logp, f, y):
+    """Independent H_i: the NLL Hessian (canonical families), or for the heteroscedastic Gaussian
+    E_y[∇²nll] by two-point Gauss-Hermite quadrature y = m ± √v (exact: ∇²nll is quadratic in y)."""
+    out = []
+    for i in range(f.shape[0]):
+        if name.startswith("hetero"):
+            d = f.shape[1] // 2
+            link = F.softplus if name.endswith("softplus") else torch.exp
+            m, s = f[i, :d], link(f[i, d:]).sqrt()
+            Hs = [hessian(lambda fi, yy=m + sign * s: -logp(fi, yy), f[i]) for sign in (1, -1)]
+            out.append(0.5 * (Hs[0] + Hs[1]))
+        else:
+            out.append(hessian(lambda fi, yi=y[i]: -logp(fi, yi), f[i]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name,k", CANONICAL + HETERO)
+def test_nll_hessian_factors_kl(name, k):
+    g = torch.Generator().manual_seed(3)
+    lik, logp, f, y = data(name, k, g)
+    nll_ref = -torch.stack([logp(f[i], y[i]) for i in range(N)])
+    assert rel_err(lik.nll(f, y), nll_ref) <= TOL
+    H_ref = fisher_reference(name, logp, f, y)
+    H = lik.hessian(f)  # y optional: H does not depend on it
+    assert H.shape == (N, k, k)
+    assert rel_err(H, H_ref) <= TOL
+    assert rel_err(lik.hessian(f, y), H_ref) <= TOL
+    U = torch.randn(N, k, 3, generator=g, dtype=D64)
+    assert rel_err(lik.hessian_matmul(f, U), H_ref @ U) <= TOL
+    assert rel_err(lik.hessian_matmul(f, U[..., 0]), (H_ref @ U)[..., 0]) <= TOL
+    Q, lam = lik.hessian_factors(f)
+    assert rel_err(Q @ torch.diag_embed(lam) @ Q.mT, H_ref) <= TOL
+    assert torch.linalg.eigvalsh(H).min() >= -1e-12  # PSD (the Fisher)
+    # KL(p_f ‖ p_f) = 0, and its Hessian in the second argument is the same Fisher
+    f2 = f + 0.3 * torch.randn(N, k, generator=g, dtype=D64)
+    assert lik.kl(f, f).abs().max() <= 1e-12 and bool((lik.kl(f, f2) > 0).all())
+    for i in range(2):
+        Hk = hessian(lambda fi, i=i: lik.kl(f[i : i + 1], fi[None])[0], f[i])
+        assert rel_err(Hk, H_ref[i]) <= 1e-9
+
+
+def test_inverse_links():
+    f = torch.randn(N, 4, dtype=D64)
+    assert torch.equal(L.Gaussian().inverse_link(f), f)
+    assert rel_err(L.Categorical().inverse_link(f), torch.softmax(f, -1)) <= TOL
+    assert rel_err(L.Bernoulli().inverse_link(f), torch.sigmoid(f)) <= TOL
+    assert rel_err(L.Poisson().inverse_link(f), f.exp()) <= TOL
+    mv = L.HeteroscedasticGaussian("exp").inverse_link(f)
+    assert rel_err(mv, torch.cat([f[:, :2], f[:, 2:].exp()], 1)) <= TOL
+    assert rel_err(L.Bernoulli().inverse_link(f[:, 0]), torch.sigmoid(f[:, :1])) <= TOL  # (n,) accepted
+
+
+# ---------------------------------------------------------------------- the generic likelihood
+def generic_for(name, k):
+    """A GenericLikelihood written independently of fntk's named classes."""
+    if name == "gaussian":
+        return lambda sigma: L.GenericLikelihood(
+            lambda fi, yi: (
+                0.5 * ((yi - fi) / sigma) ** 2 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
+            ).sum()
+        )
+    if name == "categorical":
+        return L.GenericLikelihood(lambda fi, yi: F.cross_entropy(fi[None], yi[None]), num_outputs=k)
+    if name == "bernoulli":
+        return L.GenericLikelihood(lambda fi, yi: F.binary_cross_entropy_with_logits(fi, yi, reduction="sum"))
+    if name == "poisson":
+        return L.GenericLikelihood(lambda fi, yi: (fi.exp() - yi * fi + torch.lgamma(yi + 1)).sum())
+    link = F.softplus if name.endswith("softplus") else torch.exp
+
+    def nll(fi, yi):
+        d = fi.shape[0] // 2
+        v = link(fi[d:])
+        return (0.5 * torch.log(2 * math.pi * v) + 0.5 * (yi - fi[:d]) ** 2 / v).sum()
+
+    return L.GenericLikelihood(nll, inverse_link=lambda f: f)
+
+
+@pytest.mark.parametrize("name,k", CANONICAL + HETERO)
+def test_generic_matches_named(name, k):
+    g = torch.Generator().manual_seed(4)
+    lik, _, f, y = data(name, k, g)
+    gen = generic_for(name, k)
+    if name == "gaussian":
+        gen = gen(lik.sigma)
+    assert rel_err(gen.nll(f, y), lik.nll(f, y)) <= TOL
+    if name.startswith("hetero"):  # the named one is the Fisher: E_y of the generic NLL Hessian
+        d = k // 2
+        m, v = lik.inverse_link(f)[:, :d], lik.inverse_link(f)[:, d:]
+        H = 0.5 * (gen.hessian(f, m + v.sqrt()) + gen.hessian(f, m - v.sqrt()))
+    else:
+        H = gen.hessian(f, y)
+    assert rel_err(H, lik.hessian(f)) <= TOL
+    U = torch.randn(N, k, 2, generator=g, dtype=D64)
+    assert rel_err(gen.hessian_matmul(f, U, y), gen.hessian(f, y) @ U) <= TOL
+    Q, lam = gen.hessian_factors(f, y)
+    assert rel_err(Q @ torch.diag_embed(lam) @ Q.mT, gen.hessian(f, y)) <= TOL
+
+
+# ---------------------------------------------------------------------- errors
+def test_errors_name_argument_and_shapes():
+    f = torch.randn(N, 3, dtype=D64)
+    with pytest.raises(ValueError, match=r"y has labels outside \[0, 3\)"):
+        L.Categorical().nll(f, torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match=r"y must be int labels of shape \(5,\)"):
+        L.Categorical().nll(f, torch.zeros(N, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="k >= 2"):
+        L.Categorical().hessian(f[:, :1])
+    with pytest.raises(ValueError, match=r"y must have shape \(5, 3\)"):
+        L.Gaussian().nll(f, torch.randn(N, 2))
+    with pytest.raises(ValueError, match="one target per point"):
+        L.Gaussian().nll(f, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="even number of outputs"):
+        L.HeteroscedasticGaussian().hessian(f)
+    with pytest.raises(ValueError, match="link must be one of"):
+        L.HeteroscedasticGaussian("square")
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        L.Gaussian(-1.0)
+    with pytest.raises(ValueError, match="sigma has 2 entries"):
+        L.Gaussian(torch.ones(2)).hessian(f)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        L.Bernoulli().nll(f, torch.full((N, 3), 2.0))
+    with pytest.raises(ValueError, match="non-negative"):
+        L.Poisson().nll(f, -torch.ones(N, 3))
+    with pytest.raises(TypeError, match="f must be floating point"):
+        L.Poisson().hessian(torch.ones(N, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"U must have shape \(5, 3\) or \(5, 3, r\)"):
+        L.Poisson().hessian_matmul(f, torch.randn(N, 2))
+    gen = L.GenericLikelihood(lambda fi, yi: ((fi - yi) ** 2).sum(), num_outputs=3)
+    with pytest.raises(ValueError, match="y is required by the generic likelihood"):
+        gen.hessian(f)
+    with pytest.raises(ValueError, match="expects k=3 outputs, got k=2"):
+        gen.hessian(f[:, :2], f[:, :2])
+    with pytest.raises(NotImplementedError, match="no KL divergence"):
+        gen.kl(f, f)
+    with pytest.raises(TypeError, match="nll must be callable"):
+        L.GenericLikelihood(3)
