@@ -1,5 +1,6 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
+from fntk.curvature import GGNOperator
 from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
 from fntk.operators import JacobianOperator, NTKOperator
 
@@ -9,6 +10,7 @@ __all__ = [
     "Linearized",
     "JacobianOperator",
     "NTKOperator",
+    "GGNOperator",
     "get_memory_budget",
     "set_memory_budget",
     "__version__",
