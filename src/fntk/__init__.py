@@ -2,6 +2,7 @@
 
 from fntk.curvature import GGNOperator
 from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
+from fntk.ntk import NTKMethod, ntk
 from fntk.operators import JacobianOperator, NTKOperator
 
 __version__ = "0.1.0"
@@ -10,6 +11,8 @@ __all__ = [
     "Linearized",
     "JacobianOperator",
     "NTKOperator",
+    "ntk",
+    "NTKMethod",
     "GGNOperator",
     "get_memory_budget",
     "set_memory_budget",
