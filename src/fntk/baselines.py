@@ -356,6 +356,7 @@ def last_layer_logreg(
     folds: int = 5,
     seed: int = 0,
     max_iter: int = 2000,
+    tol: float = 1e-6,
     default_weight_decay: float = 1.0,
 ) -> LogRegFit:
     """Multinomial logistic regression (with intercept) on fixed features, λ chosen by k-fold CV.
@@ -369,12 +370,25 @@ def last_layer_logreg(
         folds: k of the k-fold CV, stratified with k = min(folds, smallest class count) when every
             class has at least 2 items, else plain k-fold. The score is the mean held-out NLL over
             held-out items whose class occurs in the training fold; ties go to the larger λ.
+        max_iter, tol: L-BFGS limits of each fit (sklearn's ``lbfgs`` solver; BLAS/OpenMP pools
+            are limited to one thread during the fits, which is much faster for these small problems).
         default_weight_decay: used when no held-out item can be scored (one label per class);
             λ = 1 is scikit-learn's default C = 1. ``cv_nll`` is then empty.
 
     Returns:
         A :class:`LogRegFit` refit on all n points with the chosen λ.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _logreg(
+            features, y, weight_decay, num_classes, folds, seed, max_iter, tol, default_weight_decay
+        )
+
+
+def _logreg(
+    features, y, weight_decay, num_classes, folds, seed, max_iter, tol, default_weight_decay
+) -> LogRegFit:
     from sklearn.linear_model import LogisticRegression
 
     X = torch.as_tensor(features).detach().double().cpu().numpy()
@@ -385,7 +399,7 @@ def last_layer_logreg(
     Y = yt.numpy()
 
     def fit(lam: float, idx: np.ndarray):
-        clf = LogisticRegression(C=1.0 / lam, max_iter=max_iter, tol=1e-8)
+        clf = LogisticRegression(C=1.0 / lam, max_iter=max_iter, tol=tol)
         if len(np.unique(Y[idx])) == 1:  # sklearn cannot fit one class: predict it with certainty
             clf = _Constant(int(Y[idx][0]))
         return clf.fit(X[idx], Y[idx])
