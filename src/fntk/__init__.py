@@ -1,6 +1,7 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
 from fntk.curvature import GGNOperator
+from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
 from fntk.ntk import NTKMethod, ntk
 from fntk.operators import JacobianOperator, NTKOperator
@@ -11,6 +12,7 @@ __all__ = [
     "Linearized",
     "JacobianOperator",
     "NTKOperator",
+    "NTKRegressor",
     "ntk",
     "NTKMethod",
     "GGNOperator",
