@@ -12,8 +12,9 @@ from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_
 TOL = 1e-10
 
 
+@pytest.mark.parametrize("dense", [False, True, None])
 @pytest.mark.parametrize("case", CASES)
-def test_ntk_operator_matmul_diag_dense(case):
+def test_ntk_operator_matmul_diag_dense(case, dense):
     model, x1, x2 = make(case)
     fp = fingerprint(model)
     lin = fntk.Linearized(model)
@@ -21,8 +22,8 @@ def test_ntk_operator_matmul_diag_dense(case):
     n1, k, p = J1.shape
     J1f, J2f = J1.reshape(n1 * k, p), J2.reshape(-1, p)
     K11, K12 = J1f @ J1f.T, J1f @ J2f.T
-    op = fntk.NTKOperator(lin, x1)
-    op12 = fntk.NTKOperator(lin, x1, x2)
+    op = fntk.NTKOperator(lin, x1, dense=dense)
+    op12 = fntk.NTKOperator(lin, x1, x2, dense=dense)
     assert op.shape == (n1 * k, n1 * k) and op12.shape == (n1 * k, J2f.shape[0])
     for r in (1, 7):
         V = torch.randn(n1 * k, r, dtype=torch.float64)
@@ -31,6 +32,7 @@ def test_ntk_operator_matmul_diag_dense(case):
         assert rel_err(op12 @ W, K12 @ W) <= TOL
         assert rel_err(op12.mT @ V, K12.T @ V) <= TOL
     assert rel_err(op.diagonal(), K11.diagonal()) <= TOL
+    assert (op._dense is not None) == (dense is not False)  # auto densifies these small kernels
     assert rel_err(op.to_dense(), K11) <= TOL
     assert rel_err(op12.to_dense(), K12) <= TOL
     # batched right-hand sides (*b, N, r) as linear_operator passes them
@@ -39,15 +41,16 @@ def test_ntk_operator_matmul_diag_dense(case):
     assert_same_fingerprint(fp, fingerprint(model))
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("case", ["multi", "cnn"])
-def test_ntk_operator_single_output(case):
+def test_ntk_operator_single_output(case, dense):
     model, x1, x2 = make(case)
     lin = fntk.Linearized(model)
     J1, J2 = dense_jacobian(model, x1)[:, 1], dense_jacobian(model, x2)[:, 1]
-    op = fntk.NTKOperator(lin, x1, x2, outputs=1)
+    op = fntk.NTKOperator(lin, x1, x2, outputs=1, dense=dense)
     V = torch.randn(x2.shape[0], 4, dtype=torch.float64)
     assert rel_err(op @ V, J1 @ J2.T @ V) <= TOL
-    sym = fntk.NTKOperator(lin, x1, outputs=-1)
+    sym = fntk.NTKOperator(lin, x1, outputs=-1, dense=dense)
     Jl = dense_jacobian(model, x1)[:, -1]
     assert rel_err(sym.diagonal(), (Jl**2).sum(-1)) <= TOL
     assert rel_err(sym.to_dense(), Jl @ Jl.T) <= TOL
