@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,58 @@ def say(*args: Any) -> None:
     """print on the main rank only."""
     if distributed.is_main():
         print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (restored afterwards); ``None`` leaves it.
+
+    Small networks (the sine and linearity nets) run many tiny kernels for which intra-op threads
+    only add synchronisation; on a shared, busy machine one thread is many times faster.
+    """
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build()
+
+
+def residual_variance(pred: torch.Tensor, y: torch.Tensor, floor: float = 1e-4) -> float:
+    """Mean squared residual of a point predictor on the data it was fitted to, floored.
+
+    The predictive variance given to methods without their own uncertainty (source network,
+    fine-tuning): a homoscedastic Gaussian whose variance is the training residual.
+    """
+    r = (pred.detach().reshape(-1).double() - y.detach().reshape(-1).double()).square().mean()
+    return max(float(r), floor)
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    """Save a matplotlib figure as ``out/name`` (PNG, 120 dpi) on the main rank and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(out) / name
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

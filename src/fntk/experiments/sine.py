@@ -1,0 +1,252 @@
+"""The paper's toy transfer: adapt a 1-40-40-1 tanh network trained on one task to new sine waves.
+
+Two settings (:mod:`fntk.data.sine`): ``sine`` (the source task is itself a sine wave) and
+``linear`` (the source task is a linear function; targets are sine waves). For every seed a source
+network is trained on one source task of 100 points; each of T target tasks then gives ``nx``
+labelled points (default 10) and is scored on a dense noiseless grid of 200 points on [-5, 5].
+
+Methods (all see exactly the same data):
+
+- ``source``: the source network unchanged.
+- ``ntk_gp_function`` / ``ntk_gp_weight``: :class:`fntk.NTKRegressor` on the source network
+  (all 1,761 parameters) with a constant prior mean as in the paper's code, in function space
+  (n × n kernel) and weight space (p × p); scale, noise and constant learned by marginal
+  likelihood. Both are exact: they should agree.
+- ``ntk_gp_netmean``: the same in function space with the library's default prior mean
+  f(x; θ̂) + b (the source network's own prediction plus a constant).
+- ``finetune_all``: Adam on all layers, full batch, lr 1e-2, 200 steps.
+- ``finetune_last``: Adam on the last layer only, full batch, lr 3e-2, 200 steps.
+- ``ablr``: :class:`fntk.baselines.ABLR`, a 1-40-40-50 tanh feature net trained by marginal
+  likelihood on the same single source task (1,000 Adam steps), then Bayesian linear regression
+  with the target's own (α, β) on the frozen features.
+- ``rbf_gp``: an RBF-kernel GP on the target points only (hyperparameters by L-BFGS).
+
+Point predictors (source, fine-tuning) get a homoscedastic Gaussian whose variance is their mean
+squared residual on the data they were last trained on (floored at 1e-4), so NLL and coverage can be
+compared. Metrics: MSE, Gaussian NLL of the noiseless truth under the predictive (latent + noise)
+variance, and 95% interval coverage, averaged over tasks × seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fntk import baselines, metrics
+from fntk.data import sine as sine_data
+from fntk.data.nets import mlp
+from fntk.experiments.common import (
+    RunConfig,
+    cached_state,
+    format_table,
+    progress,
+    pyplot,
+    residual_variance,
+    save_figure,
+    say,
+    seeded,
+    summarize,
+    torch_threads,
+    write_results,
+)
+from fntk.gp import NTKRegressor
+from fntk.linearize import Linearized
+
+SETTINGS = ("sine", "linear")
+METHODS = (
+    "source",
+    "ntk_gp_function",
+    "ntk_gp_weight",
+    "ntk_gp_netmean",
+    "finetune_all",
+    "finetune_last",
+    "ablr",
+    "rbf_gp",
+)
+METRICS = ("mse", "nll", "coverage", "seconds")
+DTYPE = torch.float64
+
+FULL = {"seeds": 3, "tasks": 20, "nx": 10, "n_source": 100, "source_steps": 2000, "ablr_steps": 1000}
+QUICK = {"seeds": 1, "tasks": 3, "nx": 10, "n_source": 100, "source_steps": 1000, "ablr_steps": 500}
+FINETUNE = {
+    "finetune_all": {"params": "all", "lr": 1e-2, "epochs": 200},
+    "finetune_last": {"params": "last", "lr": 3e-2, "epochs": 200},
+}
+#: method → (space, prior mean) of the NTKRegressor
+NTK_GP = {
+    "ntk_gp_function": ("function", "constant"),
+    "ntk_gp_weight": ("weight", "constant"),
+    "ntk_gp_netmean": ("function", "network"),
+}
+SOURCE_LR = 1e-2
+ABLR_TARGET_STEPS = 100  # Adam steps (lr 0.1) on the target task's own log α, log β
+FIGURE_TASKS = 4
+
+
+def _source_net(
+    cfg: RunConfig, task: sine_data.RegressionTask, kind: str, seed: int, steps: int
+) -> nn.Module:
+    """The 1-40-40-1 tanh source network trained (Adam, full batch) on the source task; cached."""
+    net = seeded(seed, lambda: mlp((1, 40, 40, 1), "tanh").to(DTYPE))
+
+    def train() -> nn.Module:
+        return baselines.finetune(net, task.x_train, task.y_train, "all", "mse", steps, SOURCE_LR, seed=seed)
+
+    key = f"sine_source_{kind}_seed{seed}_n{task.x_train.shape[0]}_steps{steps}"
+    return cached_state(cfg.cache, key, train, net).eval()
+
+
+def _ablr(cfg: RunConfig, task: sine_data.RegressionTask, kind: str, seed: int, steps: int) -> baselines.ABLR:
+    """ABLR's feature net trained on the source task by marginal likelihood; cached."""
+    ablr = baselines.ABLR(seed=seed, dtype=DTYPE)
+    path = Path(cfg.cache) / f"sine_ablr_{kind}_seed{seed}_n{task.x_train.shape[0]}_steps{steps}.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ablr.net.load_state_dict(state["net"])
+        ablr.log_hypers_ = state["log_hypers"]
+        return ablr
+    ablr.fit([(task.x_train, task.y_train)], steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net": ablr.net.state_dict(), "log_hypers": ablr.log_hypers_}, path)
+    return ablr
+
+
+def _predict(
+    method: str,
+    task: sine_data.RegressionTask,
+    net: nn.Module,
+    lin: Linearized,
+    ablr: baselines.ABLR,
+    source_var: float,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(mean, predictive variance, latent std or None) of one method on the task's test grid."""
+    x, y, xt = task.x_train, task.y_train, task.x_test
+    if method == "source":
+        with torch.no_grad():
+            mean = net(xt)[:, 0]
+        return mean, torch.full_like(mean, source_var), None
+    if method.startswith("ntk_gp"):
+        space, mean = NTK_GP[method]
+        post = NTKRegressor(lin, space=space, mean=mean).fit(x, y).predict(xt)
+        return post.mean, post.predictive_variance, post.stddev
+    if method in FINETUNE:
+        spec = FINETUNE[method]
+        tuned = baselines.finetune(net, x, y, spec["params"], "mse", spec["epochs"], spec["lr"])
+        with torch.no_grad():
+            mean, fit = tuned(xt)[:, 0], tuned(x)[:, 0]
+        return mean, torch.full_like(mean, residual_variance(fit, y)), None
+    if method == "ablr":
+        pred = ablr.predict(x, y, xt, steps=ABLR_TARGET_STEPS, lr=0.1)
+        return pred.mean, pred.predictive_variance, None
+    if method == "rbf_gp":
+        pred = baselines.rbf_gp(x, y, xt, steps=100, optimizer="lbfgs")
+        return pred.mean, pred.predictive_variance, None
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _run_setting(cfg: RunConfig, kind: str, seed: int, grid: dict, curves: list) -> list[dict]:
+    """All methods on the T target tasks of one (setting, seed); returns per-task records."""
+    sources, targets = sine_data.transfer_tasks(
+        grid["tasks"], grid["n_source"], grid["nx"], seed=seed, source_kind=kind, dtype=DTYPE
+    )
+    src = sources[0]
+    net = _source_net(cfg, src, kind, seed, grid["source_steps"])
+    ablr = _ablr(cfg, src, kind, seed, grid["ablr_steps"])
+    with torch.no_grad():
+        source_var = residual_variance(net(src.x_train)[:, 0], src.y_train)
+    lin = Linearized(net)
+    records = []
+    for t, task in enumerate(progress(targets, f"sine {kind}→sine seed {seed}")):
+        keep = t < FIGURE_TASKS and seed == cfg.seed
+        curve: dict[str, Any] = {"setting": kind, "task": t, "x": task.x_train, "y": task.y_train,
+                                 "xt": task.x_test, "yt": task.y_test, "means": {}}
+        for method in METHODS:
+            start = time.perf_counter()
+            mean, var, std = _predict(method, task, net, lin, ablr, source_var)
+            seconds = time.perf_counter() - start
+            rec = {"setting": kind, "seed": seed, "task": t, "method": method, "seconds": seconds}
+            rec.update(metrics.regression_metrics(mean, var, task.y_test))
+            records.append(rec)
+            if keep:
+                curve["means"][method] = mean.detach()
+                if method == "ntk_gp_function":
+                    curve["band"] = (mean - 2 * std, mean + 2 * std)
+        if keep:
+            curves.append(curve)
+    return records
+
+
+def _figure(curves: list[dict], out: Path) -> Path:
+    """Grid of target tasks: data, truth, every method's mean, the NTK-GP ±2σ band."""
+    plt = pyplot()
+    rows = sorted({c["setting"] for c in curves}, key=SETTINGS.index)
+    cols = max(sum(c["setting"] == r for c in curves) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.6 * cols, 3.0 * len(rows)), squeeze=False)
+    styles = {"source": ("tab:gray", "--"), "ntk_gp_function": ("tab:red", "-"),
+              "ntk_gp_weight": ("darkred", ":"), "ntk_gp_netmean": ("tab:orange", "-"),
+              "finetune_all": ("tab:blue", "-"), "finetune_last": ("tab:cyan", "-"),
+              "ablr": ("tab:green", "-"), "rbf_gp": ("tab:purple", "-")}
+    for r, setting in enumerate(rows):
+        for c, curve in enumerate([c for c in curves if c["setting"] == setting]):
+            ax = axes[r, c]
+            xt = curve["xt"][:, 0].numpy()
+            lo, hi = (b.detach().numpy() for b in curve["band"])
+            ax.fill_between(xt, lo, hi, color="tab:red", alpha=0.2, lw=0, label="NTK-GP ±2σ")
+            ax.plot(xt, curve["yt"].numpy(), color="black", lw=2, label="truth")
+            for method, mean in curve["means"].items():
+                color, ls = styles[method]
+                ax.plot(xt, mean.numpy(), color=color, ls=ls, lw=1.2, label=method)
+            ax.scatter(curve["x"][:, 0].numpy(), curve["y"].numpy(), color="black", s=18, zorder=5,
+                       label="target data")
+            lim = 1.5 * float(curve["yt"].abs().max()) + 0.5
+            ax.set_ylim(-lim, lim)
+            ax.set_title(f"{setting}→sine, task {curve['task']}", fontsize=9)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save_figure(fig, out, "sine_tasks.png")
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the sine transfer experiment; returns (and writes to ``cfg.out``) the results dict.
+
+    ``cfg.extra`` may override any grid entry (``seeds``, ``tasks``, ``nx``, ``n_source``,
+    ``source_steps``, ``ablr_steps``) and ``threads`` (default 1: these nets are tiny).
+    """
+    grid = dict(QUICK if cfg.quick else FULL)
+    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    seeds = [cfg.seed + i for i in range(grid["seeds"])]
+    start = time.perf_counter()
+    records: list[dict] = []
+    curves: list[dict] = []
+    with torch_threads(cfg.extra.get("threads", 1)):
+        for kind in SETTINGS:
+            for seed in seeds:
+                records += _run_setting(cfg, kind, seed, grid, curves)
+        figure = _figure(curves, cfg.out)
+    by = ("setting", "method")
+    rows = summarize(records, by, METRICS)
+    table = format_table(rows, by, METRICS)
+    say(f"sine transfer: {grid['tasks']} target tasks × {len(seeds)} seeds, nx = {grid['nx']} "
+        "(mean ± std over tasks and seeds; seconds per task)")
+    say(table)
+    results = {
+        "experiment": "sine",
+        "config": {**grid, "seed": cfg.seed, "quick": cfg.quick, "finetune": FINETUNE,
+                   "source_lr": SOURCE_LR},
+        "methods": list(METHODS),
+        "summary": rows,
+        "table": table,
+        "records": records,
+        "figures": [str(figure)],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    write_results(cfg.out, results)
+    say(f"wrote {cfg.out / 'results.json'} and {figure}")
+    return results
