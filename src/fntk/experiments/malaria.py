@@ -1,0 +1,238 @@
+"""Malaria incidence in Kenya, 2012 → 2016: adapt a heteroscedastic network to a later year.
+
+As the paper's malaria experiment (amzn/xfer ``finite_ntk/experiments/malaria/run_ntk.py``), on the
+Malaria Atlas Project's Kenya surface (:mod:`fntk.data.malaria`): inputs are (lon, lat) scaled to
+[0, 1], the target is Pf incidence (cases per person per year). For every seed a 2-500-500-2 tanh
+network with a heteroscedastic Gaussian likelihood (output 0 the mean, output 1 the raw variance)
+is trained on 2,000 random pixels of 2012 (Adam, lr 1e-3, batches of 200, 200 epochs). It is then
+adapted with nx random pixels of 2016 (nested in nx) and tested on 5,000 other 2016 pixels (the same
+for all nx).
+
+Units: every method sees incidence standardised by the 2012 source pixels' mean and std (training
+the heteroscedastic net on the raw rates, ~0.03 ± 0.05, was unstable: its MSE rose above the
+variance of the data); predictions are mapped back and all metrics are in cases per person-year.
+
+Methods:
+
+- ``source``: the 2012 network, its own heteroscedastic predictive.
+- ``ntk_gp``: :class:`fntk.NTKRegressor` on output 0 (all 252,502 parameters), prior mean
+  f₀(x; θ̂) + b, scale, noise and b learned by marginal likelihood.
+- ``ntk_gp_paper``: the paper code's fixed defaults: constant prior mean b = 0, kernel scale 1,
+  noise 0.6932 (GPyTorch's ``GaussianLikelihood`` default: softplus(0) + 1e-4), nothing learned
+  (in the standardised units the networks are trained in).
+- ``finetune_last``: the last layer retrained on the 2016 pixels with the heteroscedastic NLL
+  (Adam, lr 1e-3, 200 full-batch steps); its own predictive variance.
+- ``finetune_all``: all layers, the same loss (Adam, lr 1e-4, 200 full-batch steps).
+- ``rbf_gp``: an RBF-kernel GP on the 2016 pixels only (hyperparameters by L-BFGS).
+
+Metrics on the test pixels: MSE, Gaussian NLL (predictive variance including noise), 95% coverage.
+Figures: maps of the 2016 truth, the source prediction, the NTK-GP mean and standard deviation
+(nx = 100, first seed), and MSE versus nx.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fntk import baselines, metrics
+from fntk.data.malaria import MalariaYear, malaria_transfer
+from fntk.data.nets import heteroscedastic_mean_var, heteroscedastic_mlp, heteroscedastic_nll
+from fntk.experiments.common import (
+    RunConfig,
+    cached_state,
+    format_table,
+    progress,
+    pyplot,
+    save_figure,
+    say,
+    seeded,
+    summarize,
+    write_results,
+)
+from fntk.gp import NTKRegressor
+from fntk.linearize import Linearized
+
+METHODS = ("source", "ntk_gp", "ntk_gp_paper", "finetune_last", "finetune_all", "rbf_gp")
+METRICS = ("mse", "nll", "coverage", "seconds")
+FULL = {"seeds": 5, "nx": (10, 25, 50, 100, 250, 500), "n_source": 2000, "n_test": 5000,
+        "source_epochs": 200, "finetune_epochs": 200, "map_nx": 100, "map_stride": 1}
+QUICK = {"seeds": 1, "nx": (10, 50), "n_source": 2000, "n_test": 1000,
+         "source_epochs": 10, "finetune_epochs": 30, "map_nx": 50, "map_stride": 3}
+SOURCE = {"lr": 1e-3, "batch_size": 200}
+FINETUNE = {
+    "finetune_last": {"params": "last", "lr": 1e-3},
+    "finetune_all": {"params": "all", "lr": 1e-4},
+}
+#: GPyTorch's GaussianLikelihood starts at softplus(0) + 1e-4 (its GreaterThan(1e-4) constraint)
+GPYTORCH_DEFAULT_NOISE = math.log(2.0) + 1e-4
+PREDICT_CHUNK = 5000
+
+
+def _source_net(cfg: RunConfig, data: dict, seed: int, epochs: int) -> nn.Module:
+    """The heteroscedastic 2-500-500-2 tanh network trained on the 2012 pixels; cached."""
+    net = seeded(seed, lambda: heteroscedastic_mlp((2, 500, 500), "tanh"))
+
+    def train() -> nn.Module:
+        return baselines.finetune(
+            net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs,
+            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"],
+        )
+
+    key = f"malaria_source_standardised_seed{seed}_n{data['x_source'].shape[0]}_epochs{epochs}"
+    return cached_state(cfg.cache, key, train, net).eval()
+
+
+def _net_predictive(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        return heteroscedastic_mean_var(net(x))
+
+
+def _ntk_gp(lin: Linearized, method: str) -> NTKRegressor:
+    if method == "ntk_gp":
+        return NTKRegressor(lin, output=0)
+    return NTKRegressor(lin, output=0, mean="constant", constant=0.0, scale=1.0,
+                        noise=GPYTORCH_DEFAULT_NOISE, optimize=False)
+
+
+def _predict_chunks(reg: NTKRegressor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, predictive variance, latent std) at x, in chunks of PREDICT_CHUNK points."""
+    parts = [reg.predict(x[s : s + PREDICT_CHUNK]) for s in range(0, x.shape[0], PREDICT_CHUNK)]
+    return (torch.cat([p.mean for p in parts]), torch.cat([p.predictive_variance for p in parts]),
+            torch.cat([p.stddev for p in parts]))
+
+
+def _predict(method: str, net: nn.Module, lin: Linearized, x: Tensor, y: Tensor, xt: Tensor, steps: int):
+    """(mean, predictive variance) of one method at the test inputs xt (``steps``: fine-tuning)."""
+    if method == "source":
+        return _net_predictive(net, xt)
+    if method.startswith("ntk_gp"):
+        return _predict_chunks(_ntk_gp(lin, method).fit(x, y), xt)[:2]
+    if method in FINETUNE:
+        spec = FINETUNE[method]
+        tuned = baselines.finetune(net, x, y, spec["params"], heteroscedastic_nll, steps, spec["lr"])
+        return _net_predictive(tuned, xt)
+    if method == "rbf_gp":
+        pred = baselines.rbf_gp(x, y, xt, steps=100, optimizer="lbfgs")
+        return pred.mean, pred.predictive_variance
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _maps(target: MalariaYear, net: nn.Module, lin: Linearized, data: dict, units: tuple[float, float],
+          nx: int, stride: int, out: Path) -> Path:
+    """Maps of the 2016 truth, the source prediction, the NTK-GP mean and its std (nx pixels).
+
+    ``units`` = (mean, std) of the standardisation; every ``stride``-th raster row/column is drawn.
+    """
+    plt = pyplot()
+    mu, sd = units
+    keep = (target.rows % stride == 0) & (target.cols % stride == 0)
+    x = target.x[keep]
+    src_mean = mu + sd * _net_predictive(net, x)[0]
+    reg = _ntk_gp(lin, "ntk_gp").fit(data["x_target"][:nx], data["y_target"][:nx])
+    mean, _, std = _predict_chunks(reg, x)
+    mean, std = mu + sd * mean, sd * std
+
+    def grid(values: Tensor):
+        full = torch.full((target.x.shape[0],), float("nan"), dtype=torch.float64)
+        full[keep] = values.detach().double()
+        return target.to_grid(full)[::stride, ::stride]
+
+    panels = [("2016 truth", target.y[keep]), ("2012 source network", src_mean),
+              (f"NTK-GP mean (nx = {nx})", mean), ("NTK-GP std", std)]
+    vmax = float(target.y.max())
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
+    for ax, (title, values) in zip(axes, panels):
+        is_std = title.startswith("NTK-GP std")
+        cmap = "magma" if is_std else "viridis"
+        im = ax.imshow(grid(values), extent=target.extent, origin="upper", cmap=cmap, vmin=0,
+                       vmax=None if is_std else vmax)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        if title.startswith("NTK-GP mean"):
+            pts = data["x_target"][:nx]
+            lo = torch.tensor(target.extent[::2]), torch.tensor(target.extent[1::2])
+            lonlat = lo[0] + pts.double() * (lo[1] - lo[0])
+            ax.scatter(lonlat[:, 0], lonlat[:, 1], s=4, c="white", edgecolors="black", linewidths=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out, "malaria_maps.png")
+
+
+def _mse_figure(rows: list[dict], nxs: tuple[int, ...], out: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        r = sorted((row for row in rows if row["method"] == method), key=lambda row: row["nx"])
+        ax.errorbar([row["nx"] for row in r], [row["mse"] for row in r], yerr=[row["mse_std"] for row in r],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(list(nxs), [str(n) for n in nxs])
+    ax.set_xlabel("labelled 2016 pixels (nx)")
+    ax.set_ylabel("test MSE (5,000 pixels of 2016)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out, "malaria_mse_vs_nx.png")
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the malaria transfer experiment (data from ``cfg.data`` or ``$FNTK_DATA``).
+
+    ``cfg.extra`` may override grid entries: ``seeds``, ``nx``, ``n_source``, ``n_test``,
+    ``source_epochs``, ``finetune_epochs``, ``map_nx``, ``map_stride``.
+    """
+    grid = dict(QUICK if cfg.quick else FULL)
+    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    nxs = tuple(grid["nx"])
+    seeds = [cfg.seed + i for i in range(grid["seeds"])]
+    start = time.perf_counter()
+    records: list[dict] = []
+    figures: list[str] = []
+    for seed in seeds:
+        data = malaria_transfer(max(nxs), seed, cfg.data, n_source=grid["n_source"], n_test=grid["n_test"])
+        mu, sd = float(data["y_source"].mean()), float(data["y_source"].std())
+        for key in ("y_source", "y_target"):
+            data[key] = (data[key] - mu) / sd
+        net = _source_net(cfg, data, seed, grid["source_epochs"])
+        lin = Linearized(net)
+        xt, yt = data["x_test"], data["y_test"]
+        for nx in progress(nxs, f"malaria seed {seed}"):
+            x, y = data["x_target"][:nx], data["y_target"][:nx]
+            for method in METHODS:
+                t0 = time.perf_counter()
+                mean, var = _predict(method, net, lin, x, y, xt, grid["finetune_epochs"])
+                mean, var = mu + sd * mean, sd**2 * var
+                rec = {"nx": nx, "seed": seed, "method": method, "seconds": time.perf_counter() - t0}
+                rec.update(metrics.regression_metrics(mean, var, yt))
+                records.append(rec)
+        if seed == cfg.seed:
+            map_nx = min(grid["map_nx"], max(nxs))
+            figures.append(
+                str(_maps(data["target"], net, lin, data, (mu, sd), map_nx, grid["map_stride"], cfg.out))
+            )
+    by = ("nx", "method")
+    rows = summarize(records, by, METRICS)
+    figures.append(str(_mse_figure(rows, nxs, cfg.out)))
+    table = format_table(rows, by, METRICS)
+    say(f"malaria 2012 → 2016 (Kenya): {len(seeds)} seeds, test on {grid['n_test']} pixels of 2016 "
+        "(mean ± std over seeds; seconds per fit+predict)")
+    say(table)
+    results = {
+        "experiment": "malaria",
+        "units": "incidence, cases per person-year (methods work on 2012-standardised values)",
+        "config": {**grid, "nx": list(nxs), "seed": cfg.seed, "quick": cfg.quick, "source": SOURCE,
+                   "finetune": FINETUNE, "gpytorch_default_noise": GPYTORCH_DEFAULT_NOISE},
+        "methods": list(METHODS),
+        "summary": rows,
+        "table": table,
+        "records": records,
+        "figures": figures,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    write_results(cfg.out, results)
+    say(f"wrote {cfg.out / 'results.json'} and {len(figures)} figures")
+    return results
