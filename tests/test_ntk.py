@@ -203,8 +203,9 @@ def test_symmetric_psd(method):
     assert torch.equal(Ki, Ki.transpose(1, 2))
 
 
-@pytest.mark.parametrize("method", ["structured", "contraction", "products"])
-def test_blocked_under_small_budget(method):
+@pytest.mark.parametrize("method, extra", [("structured", 150_000), ("contraction", 250_000),
+                                           ("products", 250_000)])
+def test_blocked_under_small_budget(method, extra):
     """A budget just above the output forces several blocks; the result is unchanged."""
     model, _, _, _ = _case("cnn")
     g = torch.Generator().manual_seed(3)
@@ -216,23 +217,25 @@ def test_blocked_under_small_budget(method):
         xb = x1 if sym else x2
         Jb = J1 if sym else J2
         spec = Outputs.parse("full", 2)
-        budget = spec.nbytes(23, len(xb), torch.float64) + 150_000
+        budget = spec.nbytes(23, len(xb), torch.float64) + extra
         K = ntk(lin, x1, None if sym else x2, method=method, memory_budget=budget)
         assert rel_err(K, _reference(J1, Jb, "full")) <= TOL
         Ki = ntk(lin, x1, None if sym else x2, method=method, outputs="independent", memory_budget=budget)
         assert rel_err(Ki, _reference(J1, Jb, "independent")) <= TOL
-    budget = spec.nbytes(23, 23, torch.float64) + 150_000
-    if method == "contraction":  # square blocks of 3 points, recomputed
+    budget = spec.nbytes(23, 23, torch.float64) + extra
+    if method == "contraction":  # square blocks, recomputed
         from fntk.ntk.contraction import plan
 
-        assert plan(lin, 23, 23, True, spec, budget).b1 == 3
+        blocks = plan(lin, 23, 23, True, spec, budget)
+        assert blocks.b1 < 23 and not blocks.cache2
     elif method == "structured":
         an = S.analyze(lin, x1)
         assert not S.plan(lin, an, 23, 17, False, spec, budget).blocks.cache2
     else:
         from fntk.ntk.products import plan
 
-        assert plan(lin, 23, 23, spec, budget) == (1, 3)
+        b, rows = plan(lin, 23, 23, spec, budget)
+        assert b < 23 and rows < 23
 
 
 def test_memory_refusal():

@@ -17,6 +17,10 @@ import torch
 from torch import Tensor
 
 GiB = float(1024**3)
+#: Working numbers per point and tangent/cotangent, in units of the activations of the network's
+#: modules (``Linearized``'s count): functional ops between modules, saved tensors and batched
+#: gradients of every intermediate make the real footprint several times the module outputs.
+ACT_FACTOR = 6
 
 Feats = list  # a list of tensors, each with the points on its leading axis
 
@@ -136,8 +140,9 @@ def plan_blocks(
     kept = n2 * per_point  # symmetric: all of x1's features, computed in chunks of b1
     row = per_work + n2 * per_pair + (0 if sym else per_point)
     b_cached = int((avail - kept) // max(row, 1.0)) if kept < avail else 0
-    if sym and n1 * rows_per_point >= 1024:  # row blocks against columns from the diagonal on:
-        b_cached = min(b_cached, max(-(-256 // rows_per_point), -(-n1 // 8)))  # ~half the pairs
+    nblocks = min(8, n1 * rows_per_point // 256)
+    if sym and nblocks > 1:  # row blocks against the columns from the diagonal on: ~half the pairs
+        b_cached = min(b_cached, -(-n1 // nblocks))
     if b_cached >= min(n1, 16):
         return Blocks(min(b_cached, n1), n2, True)
     # square blocks b: b (2 per_point + per_work) + b² per_pair <= avail

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
 
 from fntk.linearize import Linearized
-from fntk.ntk.common import Outputs, gram, plan_blocks, run_blocks
+from fntk.ntk.common import ACT_FACTOR, Outputs, gram, plan_blocks, run_blocks
 
 
 def per_example_jacobian(
@@ -51,7 +51,7 @@ def jacobian_bytes(lin: Linearized, kk: int, p: int) -> tuple[float, float]:
     """(kept, transient) bytes per point of a per-example Jacobian chunk with k' rows of p."""
     item = torch.finfo(lin.dtype).bits // 8
     act = lin._act_per_example or 1
-    return kk * p * item, (3 * act * (1 + kk) + 2 * kk * p) * item
+    return kk * p * item, (ACT_FACTOR * act * (1 + kk) + 2 * kk * p) * item
 
 
 def contraction_ntk(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fntk.linearize import Linearized
-from fntk.ntk.common import NTKMemoryError, Outputs, chunks, gib, symmetrize
+from fntk.ntk.common import ACT_FACTOR, NTKMemoryError, Outputs, chunks, gib, symmetrize
 from fntk.ntk.contraction import jacobian_bytes, per_example_jacobian
 
 R_MAX = 256  # tangents per forward-mode pass
@@ -32,7 +32,7 @@ def plan(lin: Linearized, n1: int, n2: int, spec: Outputs, budget: int) -> tuple
     while True:
         r = b * kk
         cols = b * (kept + work)
-        per_row = (3 * act * (1 + r) + 2 * k * r) * item
+        per_row = (ACT_FACTOR * act * (1 + r) + 2 * k * r) * item
         rows = int((avail - cols) // per_row)
         if rows >= min(n1, 64) or b == 1:
             break

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fntk.linearize import Linearized
-from fntk.ntk.common import Outputs, chunks, gram, pairs, plan_blocks, run_blocks
+from fntk.ntk.common import ACT_FACTOR, Outputs, chunks, gram, pairs, plan_blocks, run_blocks
 from fntk.ntk.contraction import jacobian_bytes, per_example_jacobian
 
 _KINDS: dict[type, str] = {
@@ -259,7 +259,7 @@ def plan(lin: Linearized, an: Analysis, n1: int, n2: int, sym: bool, spec: Outpu
         if m == "kron" and L.S == 1:
             pair_b += (1 + kpair) * item
     fb_kept, fb_work = jacobian_bytes(lin, kk, an.p_fallback)
-    work = 3 * act * (1 + kk) * item + kept + (fb_work if an.fallback else 0)
+    work = ACT_FACTOR * act * (1 + kk) * item + 2 * kept + (fb_work if an.fallback else 0)
     rest = avail - (limit if has_big else 0)
     blocks = plan_blocks(n1, n2, sym, kept, work, pair_b, rest, "structured NTK", kk)
     npairs = pairs(n1, n2, sym, blocks.b1)
