@@ -124,10 +124,11 @@ def test_heteroscedastic_two_output_net_uses_output_0():
     model, x, y, xs = problem(n=30, width=8, k=2)
     s, noise, b = 0.5, 0.02, -0.1
     mean, cov, lml = reference_gp(model, x, y, xs, s, noise, b, output=0)
-    for solver in ("direct", "iterative"):
+    for space, solver in SOLVERS:  # weight/iterative: the output-selecting Jᵀ(J v) operator
         reg = NTKRegressor(
             model,
             output=0,
+            space=space,
             solver=solver,
             scale=s,
             noise=noise,

@@ -12,7 +12,8 @@ n points, p parameters, k' outputs, m = 50 test points:
 - iterative (vectors in the smaller space, min(n, p); the products cost the same in both):
   each J(Jᵀ·) or Jᵀ(J·) column costs ≈ 10·F flops per point (a forward-mode jvp ≈ 4F per tangent,
   a vjp ≈ F + 2F per cotangent) over R Lanczos steps (× (4 + probes) columns when learning),
-  ≥ 11 CG steps (linear_operator's minimum) and the R-column root.
+  ≥ 11 CG steps (linear_operator's minimum) and, in function space, the R-column root Jᵀ U;
+  plus a fixed overhead per batched call (Python, vmap) that dominates for small networks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SPACES = ("auto", "function", "weight")
 SOLVERS = ("auto", "direct", "iterative")
 EIGH_FACTOR = 25.0  # eigh with eigenvectors / Cholesky, measured (MKL, float64, n = 500…2000)
 CG_STEPS = 30  # typical deflation-preconditioned CG steps (linear_operator runs at least 11)
+CALL = 2e-3  # seconds of Python/vmap overhead per batched product call, per parameterised layer
 
 
 def available_memory() -> int:
@@ -68,8 +70,10 @@ def estimate(
     jac_rows = (n + m) * 2 * F * (1 + 2 * kk) / R_AD + (n + m) * 2 * structured.ELEM * kk * p / R_GEMM
     weight = jac_rows + kk * (2.0 * n * p * p + fact * p**3 / 3 + 2.0 * m * p * p) / R_GEMM
     column = 10.0 * F * n / R_AD
-    its = R * (1 + (3 + probes if learn else 0)) + CG_STEPS + R + 1
-    iterative = kk * its * column + jac_rows
+    calls = R + CG_STEPS + 1
+    columns = R * (1 + (3 + probes if learn else 0)) + CG_STEPS + (R + 1 if n <= p else 0)
+    layers = max(1, len(structured.analyze(lin, x).layers))
+    iterative = kk * (columns * column + calls * CALL * layers) + jac_rows
     return {"function": function, "weight": weight, "iterative": iterative}
 
 

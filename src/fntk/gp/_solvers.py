@@ -65,7 +65,10 @@ class Factor:
 
     @classmethod
     def cholesky(cls, M: Tensor) -> Factor:
-        return cls(L=psd_safe_cholesky(M))
+        L, info = torch.linalg.cholesky_ex(M)
+        if bool((info > 0).any()):  # not numerically PD: linear_operator's jittered retries
+            L = psd_safe_cholesky(M)
+        return cls(L=L)
 
     def solve(self, B: Tensor) -> Tensor:
         """M⁻¹ B for B (k', N, r)."""
@@ -102,8 +105,9 @@ class DenseFunction:
         self.lin, self.x, self.outputs, self.method = lin, x, list(outputs), method
         self.z = z  # (k', n) standardised residuals
         self.n = x.shape[0]
+        # symmetric by construction (fntk.ntk mirrors the half it computes); Cholesky and eigh
+        # read the lower triangle only
         self.G = _gram.dense_kernel(lin, x, None, self.outputs, method).to(F64)
-        self.G = 0.5 * (self.G + self.G.mT)
         self._eig: tuple[Tensor, Tensor] | None = None
         self.h: Hyper | None = None
 
@@ -132,9 +136,12 @@ class DenseFunction:
         """Cholesky of sG + σ²I and α = (sG + σ²I)⁻¹(z − b). (Also after an eigh: n³/3 more flops
         buy the backward stability of Cholesky at the chosen hyperparameters.)"""
         self.h = h
-        s, noise = h.scale[:, None, None], h.noise[:, None, None]
-        M = s * self.G + noise * torch.eye(self.n, dtype=F64, device=self.G.device)
+        # sG + σ²I overwrites G (one n × n buffer less: 3.2 GB at n = 20,000); conditioning is the
+        # last use of G in a fit
+        M, self.G = self.G, None
+        M.mul_(h.scale[:, None, None]).diagonal(dim1=-2, dim2=-1).add_(h.noise[:, None])
         self.factor = Factor.cholesky(M)
+        del M
         self.resid = self.z - h.constant[:, None]
         self.alpha = self.factor.solve(self.resid[..., None])[..., 0]
 
@@ -166,7 +173,7 @@ class DenseWeight:
         self.z, self.n, self.p = z, x.shape[0], lin.num_params
         rhs = torch.stack([z, torch.ones_like(z)], dim=-1)  # (k', n, 2)
         A, B = _gram.dense_weight_gram(lin, x, self.outputs, rhs)
-        self.A = 0.5 * (A + A.mT)
+        self.A = A  # symmetric: accumulated as Σ JᵀJ blocks (Cholesky and eigh read one triangle)
         self.gz, self.g1 = B[..., 0], B[..., 1]  # Jᵀz, Jᵀ1: (k', p)
         self.zz, self.z1 = (z * z).sum(-1), z.sum(-1)
         self._eig: tuple[Tensor, Tensor] | None = None
@@ -203,8 +210,10 @@ class DenseWeight:
         """Cholesky of A + λI and w̄ = (A + λI)⁻¹Jᵀ(z − b)."""
         self.h = h
         lam = h.noise / h.scale
-        eye = torch.eye(self.p, dtype=F64, device=self.A.device)
-        self.factor = Factor.cholesky(self.A + lam[:, None, None] * eye)
+        M, self.A = self.A, None  # A + λI in place: conditioning is the last use of A in a fit
+        M.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+        self.factor = Factor.cholesky(M)
+        del M
         self.g = self.gz - h.constant[:, None] * self.g1  # Jᵀ(z − b)
         self.wbar = self.factor.solve(self.g[..., None])[..., 0]
 
