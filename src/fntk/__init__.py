@@ -1,5 +1,6 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
+from fntk.classify import LinearizedClassifier
 from fntk.curvature import GGNOperator
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
@@ -16,6 +17,7 @@ __all__ = [
     "ntk",
     "NTKMethod",
     "GGNOperator",
+    "LinearizedClassifier",
     "get_memory_budget",
     "set_memory_budget",
     "__version__",
