@@ -104,7 +104,7 @@ def _linear_diag_chunk(lin: Linearized, xs: Tensor, layers: dict[str, nn.Linear]
 
     m = xs.shape[0]
     zeros = {
-        name: lin.theta_dict()[next(iter(lin.names))].new_zeros(m, mod.out_features)
+        name: torch.zeros(m, mod.out_features, dtype=lin.dtype, device=lin.device)
         for name, mod in layers.items()
     }
     f = lin.function(xs)

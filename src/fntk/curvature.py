@@ -39,7 +39,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from fntk._ggn_diagonal import ggn_dense, ggn_diagonal
 from fntk.likelihoods import Likelihood
@@ -155,14 +155,28 @@ class GGNOperator(LinearOperator):
 
     # ------------------------------------------------------------------ products, (p, r) → (p, r)
     def _exact(self, V: Tensor) -> Tensor:
-        """Σ_chunks J_sᵀ H_s J_s V: per chunk one jvp and one vjp, vmapped over the r columns."""
-        lin, x = self.lin, self.x
+        """Σ_chunks J_sᵀ H_s J_s V, vmapped over the r columns.
+
+        Per chunk and column, one forward pass carries the tangent (forward mode: J v) while
+        recording the primal for reverse mode (``vjp`` of ``jvp``), so Jᵀ(H J v) is one backward
+        through that same forward: about 5/3 of a gradient's work per column, one forward shared.
+        """
+        lin, x, theta = self.lin, self.x, self.lin._theta
         if self._hop is None:
             self._hop = self.likelihood._hessian_operator(self.f, self.y)
+        hop = self._hop
         out = torch.zeros_like(V)
         for s in self._chunks(V.shape[1]):
-            JV = lin._jvp_block(x[s], V)  # (m, k, r)
-            out += lin._vjp_block(x[s], self._hop(JV, s))
+            f = lin.function(x[s])
+
+            def column(t, f=f, s=s):
+                _, pull, jv = vjp(lambda th: jvp(f, (th,), (t,)), theta, has_aux=True)
+                return pull(hop(jv[..., None], s)[..., 0])[0]
+
+            if V.shape[1] == 1:  # no vmap for a single column
+                out += lin.flatten(column(lin.unflatten(V[:, 0])))[:, None]
+            else:
+                out += lin.flatten(vmap(column)(lin.unflatten(V.T)), lead=1).T
         return out
 
     def _kl_loss(self, s: slice):
