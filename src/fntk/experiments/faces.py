@@ -35,7 +35,9 @@ from fntk.data.faces import faces_transfer, rotated_faces
 from fntk.data.nets import FacesCNN, heteroscedastic_mean_var, heteroscedastic_nll
 from fntk.experiments.common import (
     RunConfig,
+    TrainingBar,
     cached_state,
+    default_threads,
     format_table,
     progress,
     pyplot,
@@ -43,6 +45,7 @@ from fntk.experiments.common import (
     say,
     seeded,
     summarize,
+    torch_threads,
     write_results,
 )
 from fntk.gp import NTKRegressor
@@ -66,10 +69,13 @@ def _source_net(cfg: RunConfig, data: dict, seed: int, rotations: int, epochs: i
     net = seeded(seed, lambda: FacesCNN(outputs=2))
 
     def train() -> nn.Module:
-        return baselines.finetune(
+        bar = TrainingBar(f"faces source net seed {seed}", epochs)
+        trained = baselines.finetune(
             net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs,
-            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"],
+            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"], history=bar,
         )
+        bar.close()
+        return trained
 
     key = f"faces_source_seed{seed}_rot{rotations}_epochs{epochs}"
     return cached_state(cfg.cache, key, train, net).eval()
@@ -121,6 +127,25 @@ def _figure(rows: list[dict], proportions: tuple[float, ...], out: Path) -> Path
     return save_figure(fig, out, "faces_rmse_vs_p.png")
 
 
+def _seed(cfg: RunConfig, grid: dict, proportions: tuple[float, ...], seed: int, records: list) -> None:
+    """One seed: rotate the faces, train (or load) the source net, run every method for every p."""
+    faces = rotated_faces(cfg.data, n_rotations=grid["rotations"], seed=seed)
+    net = lin = None
+    for p in progress(proportions, f"faces seed {seed}"):
+        data = faces_transfer(p, seed, faces=faces)
+        if net is None:  # the source people depend on the seed only
+            net = _source_net(cfg, data, seed, grid["rotations"], grid["source_epochs"])
+            lin = Linearized(net)
+        x, y, xt, yt = data["x_target"], data["y_target"], data["x_test"], data["y_test"]
+        for method in METHODS:
+            t0 = time.perf_counter()
+            mean, var = _predict(method, net, lin, x, y, xt, seed, grid["finetune_epochs"])
+            rec = {"p": p, "seed": seed, "method": method, "n_labelled": x.shape[0],
+                   "n_test": xt.shape[0], "seconds": time.perf_counter() - t0}
+            rec.update(_scores(mean, var, yt, data["angle_std"]))
+            records.append(rec)
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the rotated-faces transfer experiment (data from ``cfg.data`` or ``$FNTK_DATA``).
 
@@ -133,22 +158,9 @@ def run(cfg: RunConfig) -> dict:
     seeds = [cfg.seed + i for i in range(grid["seeds"])]
     start = time.perf_counter()
     records: list[dict] = []
-    for seed in seeds:
-        faces = rotated_faces(cfg.data, n_rotations=grid["rotations"], seed=seed)
-        net = lin = None
-        for p in progress(proportions, f"faces seed {seed}"):
-            data = faces_transfer(p, seed, faces=faces)
-            if net is None:  # the source people depend on the seed only
-                net = _source_net(cfg, data, seed, grid["rotations"], grid["source_epochs"])
-                lin = Linearized(net)
-            x, y, xt, yt = data["x_target"], data["y_target"], data["x_test"], data["y_test"]
-            for method in METHODS:
-                t0 = time.perf_counter()
-                mean, var = _predict(method, net, lin, x, y, xt, seed, grid["finetune_epochs"])
-                rec = {"p": p, "seed": seed, "method": method, "n_labelled": x.shape[0],
-                       "n_test": xt.shape[0], "seconds": time.perf_counter() - t0}
-                rec.update(_scores(mean, var, yt, data["angle_std"]))
-                records.append(rec)
+    with torch_threads(default_threads(cfg)):
+        for seed in seeds:
+            _seed(cfg, grid, proportions, seed, records)
     by = ("p", "method")
     rows = summarize(records, by, METRICS)
     figure = _figure(rows, proportions, cfg.out)

@@ -35,6 +35,7 @@ from fntk.data.nets import mlp
 from fntk.experiments.common import (
     RunConfig,
     cached_state,
+    default_threads,
     format_table,
     progress,
     pyplot,
@@ -172,7 +173,7 @@ def run(cfg: RunConfig) -> dict:
     """Run the linearity study; returns (and writes to ``cfg.out``) the results dict.
 
     ``cfg.extra`` may override ``seeds``, ``widths``, ``steps``, ``n``, ``grid`` and ``threads``
-    (default 1).
+    (default ``$FNTK_THREADS`` or 1).
     """
     grid = dict(QUICK if cfg.quick else FULL)
     grid.update({k: v for k, v in cfg.extra.items() if k in grid})
@@ -181,7 +182,7 @@ def run(cfg: RunConfig) -> dict:
     start = time.perf_counter()
     records: list[dict] = []
     curves: dict = {}
-    with torch_threads(cfg.extra.get("threads", 1)):
+    with torch_threads(default_threads(cfg)):
         for seed in seeds:
             data = make_data(grid["n"], grid["grid"], seed)
             jobs = [(s, w) for s in STATES for w in widths]

@@ -44,7 +44,9 @@ from fntk.data.malaria import MalariaYear, malaria_transfer
 from fntk.data.nets import heteroscedastic_mean_var, heteroscedastic_mlp, heteroscedastic_nll
 from fntk.experiments.common import (
     RunConfig,
+    TrainingBar,
     cached_state,
+    default_threads,
     format_table,
     progress,
     pyplot,
@@ -52,6 +54,7 @@ from fntk.experiments.common import (
     say,
     seeded,
     summarize,
+    torch_threads,
     write_results,
 )
 from fntk.gp import NTKRegressor
@@ -78,10 +81,13 @@ def _source_net(cfg: RunConfig, data: dict, seed: int, epochs: int) -> nn.Module
     net = seeded(seed, lambda: heteroscedastic_mlp((2, 500, 500), "tanh"))
 
     def train() -> nn.Module:
-        return baselines.finetune(
+        bar = TrainingBar(f"malaria source net seed {seed}", epochs)
+        trained = baselines.finetune(
             net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs,
-            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"],
+            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"], history=bar,
         )
+        bar.close()
+        return trained
 
     key = f"malaria_source_standardised_seed{seed}_n{data['x_source'].shape[0]}_epochs{epochs}"
     return cached_state(cfg.cache, key, train, net).eval()
@@ -179,6 +185,30 @@ def _mse_figure(rows: list[dict], nxs: tuple[int, ...], out: Path) -> Path:
     return save_figure(fig, out, "malaria_mse_vs_nx.png")
 
 
+def _seed(cfg: RunConfig, grid: dict, nxs: tuple[int, ...], seed: int, records: list, figures: list) -> None:
+    """One seed: train (or load) the source net, run every method for every nx, maps for cfg.seed."""
+    data = malaria_transfer(max(nxs), seed, cfg.data, n_source=grid["n_source"], n_test=grid["n_test"])
+    mu, sd = float(data["y_source"].mean()), float(data["y_source"].std())
+    for key in ("y_source", "y_target"):
+        data[key] = (data[key] - mu) / sd
+    net = _source_net(cfg, data, seed, grid["source_epochs"])
+    lin = Linearized(net)
+    xt, yt = data["x_test"], data["y_test"]
+    for nx in progress(nxs, f"malaria seed {seed}"):
+        x, y = data["x_target"][:nx], data["y_target"][:nx]
+        for method in METHODS:
+            t0 = time.perf_counter()
+            mean, var = _predict(method, net, lin, x, y, xt, grid["finetune_epochs"])
+            mean, var = mu + sd * mean, sd**2 * var
+            rec = {"nx": nx, "seed": seed, "method": method, "seconds": time.perf_counter() - t0}
+            rec.update(metrics.regression_metrics(mean, var, yt))
+            records.append(rec)
+    if seed == cfg.seed:
+        map_nx = min(grid["map_nx"], max(nxs))
+        maps = _maps(data["target"], net, lin, data, (mu, sd), map_nx, grid["map_stride"], cfg.out)
+        figures.append(str(maps))
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the malaria transfer experiment (data from ``cfg.data`` or ``$FNTK_DATA``).
 
@@ -192,28 +222,9 @@ def run(cfg: RunConfig) -> dict:
     start = time.perf_counter()
     records: list[dict] = []
     figures: list[str] = []
-    for seed in seeds:
-        data = malaria_transfer(max(nxs), seed, cfg.data, n_source=grid["n_source"], n_test=grid["n_test"])
-        mu, sd = float(data["y_source"].mean()), float(data["y_source"].std())
-        for key in ("y_source", "y_target"):
-            data[key] = (data[key] - mu) / sd
-        net = _source_net(cfg, data, seed, grid["source_epochs"])
-        lin = Linearized(net)
-        xt, yt = data["x_test"], data["y_test"]
-        for nx in progress(nxs, f"malaria seed {seed}"):
-            x, y = data["x_target"][:nx], data["y_target"][:nx]
-            for method in METHODS:
-                t0 = time.perf_counter()
-                mean, var = _predict(method, net, lin, x, y, xt, grid["finetune_epochs"])
-                mean, var = mu + sd * mean, sd**2 * var
-                rec = {"nx": nx, "seed": seed, "method": method, "seconds": time.perf_counter() - t0}
-                rec.update(metrics.regression_metrics(mean, var, yt))
-                records.append(rec)
-        if seed == cfg.seed:
-            map_nx = min(grid["map_nx"], max(nxs))
-            figures.append(
-                str(_maps(data["target"], net, lin, data, (mu, sd), map_nx, grid["map_stride"], cfg.out))
-            )
+    with torch_threads(default_threads(cfg)):
+        for seed in seeds:
+            _seed(cfg, grid, nxs, seed, records, figures)
     by = ("nx", "method")
     rows = summarize(records, by, METRICS)
     figures.append(str(_mse_figure(rows, nxs, cfg.out)))

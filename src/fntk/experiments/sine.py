@@ -46,6 +46,7 @@ from fntk.data.nets import mlp
 from fntk.experiments.common import (
     RunConfig,
     cached_state,
+    default_threads,
     format_table,
     progress,
     pyplot,
@@ -248,7 +249,7 @@ def run(cfg: RunConfig) -> dict:
     """Run the sine transfer experiment; returns (and writes to ``cfg.out``) the results dict.
 
     ``cfg.extra`` may override any grid entry (``seeds``, ``tasks``, ``nx``, ``n_source``,
-    ``source_steps``, ``ablr_steps``) and ``threads`` (default 1: these nets are tiny).
+    ``source_steps``, ``ablr_steps``) and ``threads`` (default ``$FNTK_THREADS`` or 1: these nets are tiny).
     """
     grid = dict(QUICK if cfg.quick else FULL)
     grid.update({k: v for k, v in cfg.extra.items() if k in grid})
@@ -256,7 +257,7 @@ def run(cfg: RunConfig) -> dict:
     start = time.perf_counter()
     records: list[dict] = []
     curves: list[dict] = []
-    with torch_threads(cfg.extra.get("threads", 1)):
+    with torch_threads(default_threads(cfg)):
         for kind in SETTINGS:
             for seed in seeds:
                 records += _run_setting(cfg, kind, seed, grid, curves)

@@ -30,7 +30,16 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from fntk.experiments.common import RunConfig, format_table, progress, pyplot, save_figure, say, write_results
+from fntk.experiments.common import (
+    RunConfig,
+    default_threads,
+    format_table,
+    progress,
+    pyplot,
+    save_figure,
+    say,
+    write_results,
+)
 
 METRICS = ("seconds", "ratio")
 BENCH_MODULES = ("bench_products", "bench_ntk", "bench_curvature", "bench_gp")
@@ -140,7 +149,7 @@ def run(cfg: RunConfig) -> dict:
     """Run the speed studies (``fntk run speed`` / ``fntk bench``); ``--quick`` is about a minute.
 
     ``cfg.extra`` may override grid entries and ``studies`` (a subset of products, ntk, curvature,
-    gp) and ``threads`` (default 1: the benchmarks share the machine's cores).
+    gp) and ``threads`` (default ``$FNTK_THREADS`` or 1: the benchmarks share the machine's cores).
     """
     mods = load_benchmarks()
     grid = dict(QUICK if cfg.quick else FULL)
@@ -151,7 +160,7 @@ def run(cfg: RunConfig) -> dict:
     start = time.perf_counter()
     records: list[dict] = []
     old = torch.get_num_threads()
-    torch.set_num_threads(int(cfg.extra.get("threads", 1)))
+    torch.set_num_threads(default_threads(cfg))
     try:
         for name in progress(chosen, "speed studies"):
             fn, mod = studies[name]
