@@ -22,10 +22,11 @@ from fntk.ntk.common import ACT_FACTOR, Outputs, gram, plan_blocks, run_blocks
 
 
 def per_example_jacobian(
-    lin: Linearized, names: Sequence[str] | None = None, output: int | None = None
-) -> Callable[[Tensor], Tensor]:
+    lin: Linearized, names: Sequence[str] | None = None, output: int | None = None, split: bool = False
+) -> Callable[[Tensor], Tensor | list[Tensor]]:
     """x (b, ...) ↦ per-example Jacobian rows (b, k', p_sub) for the parameters ``names`` (all
-    selected ones when None, in ``lin.names`` order), of all k outputs or (k' = 1) of ``output``."""
+    selected ones when None, in ``lin.names`` order), of all k outputs or (k' = 1) of ``output``;
+    with ``split``, a list of the per-parameter blocks (b, k', p_i) instead (no concatenation)."""
     names = list(lin.names) if names is None else [n for n in lin.names if n in set(names)]
     module, fixed = lin.module, lin._fixed
     theta = lin.theta_dict()
@@ -42,7 +43,8 @@ def per_example_jacobian(
         d = jac(sub, x)
         b = x.shape[0]
         kk = 1 if output is not None else lin.num_outputs
-        return torch.cat([d[n].reshape(b, kk, -1) for n in names], dim=-1)
+        parts = [d[n].reshape(b, kk, -1) for n in names]
+        return parts if split else torch.cat(parts, dim=-1)
 
     return run
 
@@ -60,16 +62,20 @@ def contraction_ntk(
     """The canonical kernel (see :mod:`fntk.ntk.common`) by chunked Jacobian contraction."""
     n1, n2 = x1.shape[0], x2.shape[0]
     blocks = plan(lin, n1, n2, sym, spec, budget)
-    jac = per_example_jacobian(lin, None, spec.index)
+    jac = per_example_jacobian(lin, None, spec.index, split=True)
 
     def feats1(s: slice) -> list[Tensor]:
-        return [jac(x1[s])]
+        return jac(x1[s])
 
     def feats2(s: slice) -> list[Tensor]:
-        return [jac(x2[s])]
+        return jac(x2[s])
 
     def gram_fn(F1: list[Tensor], F2: list[Tensor]) -> Tensor:
-        return gram(F1[0], F2[0], spec.mode)
+        """Σ over parameter tensors of their Jacobian blocks' Grams."""
+        blk = gram(F1[0], F2[0], spec.mode)
+        for a, b in zip(F1[1:], F2[1:]):
+            blk += gram(a, b, spec.mode)
+        return blk
 
     return run_blocks(
         spec.shape(n1, n2), spec.mode, n1, n2, sym, blocks, feats1, feats2, gram_fn, lin.dtype, lin.device
@@ -80,6 +86,7 @@ def plan(lin: Linearized, n1: int, n2: int, sym: bool, spec: Outputs, budget: in
     """Block plan of the contraction under ``budget`` bytes (raises NTKMemoryError if none fits)."""
     kk = spec.kk
     kept, work = jacobian_bytes(lin, kk, lin.num_params)
+    work -= kept / 2  # no concatenated copy
     item = torch.finfo(lin.dtype).bits // 8
     pair = 2 * kk * kk * item if spec.mode == "full" else 2 * kk * item
     avail = budget - spec.nbytes(n1, n2, lin.dtype)
