@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +193,10 @@ def _flops(m: nn.Module, i_shape, o_shape) -> float:
 
 
 # ---------------------------------------------------------------------------------- features
-def features(lin: Linearized, an: Analysis, modes: list[str], E: Tensor, x: Tensor, fb=None):
+def features(
+    lin: Linearized, an: Analysis, modes: list[str], E: Tensor, x: Tensor,
+    fb: Callable[[Tensor], Tensor] | None = None,
+) -> list[Tensor]:
     """[X (b, k', Q) explicit per-example gradients, then (a, G) per factored layer] for x (b, ...)
     and output cotangents E (k', b, k) (one-hot rows select the outputs)."""
     b, kk = x.shape[0], E.shape[0]

@@ -78,7 +78,9 @@ def _budget(lin: Linearized, memory_budget: int | None) -> int:
     return memory_budget
 
 
-def prepare(lin: Linearized, x1: Tensor, x2: Tensor | None, outputs: int | str, memory_budget: int | None):
+def prepare(
+    lin: Linearized, x1: Tensor, x2: Tensor | None, outputs: int | str, memory_budget: int | None
+) -> tuple[Tensor, Tensor, bool, Outputs, int]:
     """Checked (x1, x2, sym, spec, budget); raises before anything large is allocated."""
     if not isinstance(lin, Linearized):
         raise TypeError(f"lin must be a fntk.Linearized, got {type(lin).__name__}")
@@ -103,7 +105,12 @@ def choose_method(
     memory_budget: int | None = None,
 ) -> tuple[NTKMethod, dict[NTKMethod, float]]:
     """What ``method="auto"`` picks for these arguments, and the estimated seconds of each method."""
-    x1, x2, sym, spec, budget = prepare(lin, x1, x2, outputs, memory_budget)
+    return _choose(lin, *prepare(lin, x1, x2, outputs, memory_budget))
+
+
+def _choose(
+    lin: Linearized, x1: Tensor, x2: Tensor, sym: bool, spec: Outputs, budget: int
+) -> tuple[NTKMethod, dict[NTKMethod, float]]:
     est = estimate(lin, x1, x2, sym, spec, budget)
     best = min(est, key=est.get)
     if math.isinf(est[best]):
@@ -156,7 +163,7 @@ def ntk(
     meth = _method(method)
     x1, x2, sym, spec, budget = prepare(lin, x1, x2, outputs, memory_budget)
     if meth is NTKMethod.AUTO:
-        meth, _ = choose_method(lin, x1, None if sym else x2, outputs, budget)
+        meth, _ = _choose(lin, x1, x2, sym, spec, budget)
     with torch.no_grad():
         K = _IMPL[meth](lin, x1, x2, sym, spec, budget)
     return spec.finalize(K)
