@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -214,11 +215,18 @@ class LinearizedClassifier:
             dense = self.covariance == "dense"
         return space, dense
 
-    def fit(self, x: Tensor, y: Tensor) -> LinearizedClassifier:
+    def fit(
+        self, x: Tensor, y: Tensor, callback: Callable[[dict], None] | None = None
+    ) -> LinearizedClassifier:
         """Fit on inputs x (n, *features) and int labels y (n,) in [0, C); returns self.
 
         C = k classes for k ≥ 2 logits (categorical likelihood), C = 2 for one logit (Bernoulli).
+        ``callback``, if given, is called once per Newton step of every MAP solve with a dict
+        ``{"step", "objective", "grad_norm"}``; it may raise (e.g. KeyboardInterrupt) to stop the
+        fit, which leaves the classifier unfitted and the model untouched.
         """
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         t0 = time.perf_counter()
         x = self.lin.check_input(x)
         n, k = x.shape[0], self.lin.num_outputs
@@ -232,12 +240,14 @@ class LinearizedClassifier:
             backend: FunctionSpace | WeightSpace = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
         else:
             backend = WeightSpace(self.lin, x, self._y, self.likelihood_, mu0, dense=dense, rank=self.rank)
+        backend.callback = callback
         self.space_ = space if space == "function" else ("weight-dense" if dense else "weight-lowrank")
         if self.prior_precision == "marglik":
             lam, info, ml = optimize_prior_precision(backend, self.tol, self.max_iter)
         else:
             lam, ml = float(self.prior_precision), MarglikInfo()
             info = backend.fit(lam, self.tol, self.max_iter)
+        backend.callback = None  # not kept with the fitted state
         self._backend = backend
         self._set_map_info(lam, info, ml)
         if self.inference == "vi":
@@ -331,6 +341,13 @@ class LinearizedClassifier:
     def predict(self, x: Tensor) -> Tensor:
         """The most probable class (m,) int64."""
         return self.predict_proba(x).argmax(-1)
+
+    def save(self, path: str) -> None:
+        """Write the fitted classifier to ``path`` (tensors + JSON metadata; see :mod:`fntk.persist`).
+        Reload with ``fntk.load(path, model)`` and the same, unchanged, model."""
+        from fntk import persist
+
+        persist.save(self, path)
 
     def __repr__(self) -> str:
         lam = getattr(self, "prior_precision_", self.prior_precision)

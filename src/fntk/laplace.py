@@ -48,6 +48,7 @@ from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 from torch.func import grad, jvp
 
+from fntk._numerics import safe_cholesky
 from fntk.curvature import lanczos_root
 from fntk.likelihoods import Likelihood
 from fntk.linearize import Linearized
@@ -209,13 +210,16 @@ def _lower_solve(R: Tensor, B: Tensor) -> Tensor:
 
 
 def _chol(A: Tensor) -> Tensor:
-    """Cholesky with a tiny escalating jitter for matrices that are PD only up to rounding."""
-    L, info = torch.linalg.cholesky_ex(A)
-    jitter = 1e-12 * float(A.diagonal().abs().mean().clamp_min(1e-300))
-    while int(info) != 0:
-        L, info = torch.linalg.cholesky_ex(A + jitter * torch.eye(A.shape[0], dtype=A.dtype))
-        jitter *= 10
-    return L
+    """Cholesky with a tiny escalating jitter (warned, with the amount) for matrices that are PD
+    only up to rounding; see :func:`fntk._numerics.safe_cholesky`."""
+    return safe_cholesky(A, "the Laplace precision matrix", start=1e-12, tries=10)
+
+
+def _notify(backend: object, step: int, objective: float, grad_norm: float) -> None:
+    """Call the user's per-Newton-step callback (``LinearizedClassifier.fit(callback=...)``)."""
+    cb = getattr(backend, "callback", None)
+    if cb is not None:
+        cb({"step": step, "objective": objective, "grad_norm": grad_norm})
 
 
 # ---------------------------------------------------------------------------- function space
@@ -283,6 +287,7 @@ class FunctionSpace:
             terms = Terms(self.lik, f, self.y)
             gn = self.grad_norm(terms, lam)
             obj = self._objective(self.a, lam, terms)
+            _notify(self, it, obj, gn)
             info.history.append((obj, gn))
             info.n_iter, info.grad_norm, info.objective = it, gn, obj
             if gn <= tol:
@@ -463,6 +468,7 @@ class WeightSpace:
             g = self.jtu(terms.g[..., None])[:, 0] + lam * dw0
             gn = float(g.norm())
             obj = terms.value + 0.5 * lam * float(dw0 @ dw0)
+            _notify(self, it, obj, gn)
             info.history.append((obj, gn))
             info.n_iter, info.grad_norm, info.objective = it, gn, obj
             if gn <= tol:
