@@ -15,6 +15,7 @@ from torch import nn
 import fntk
 from fntk import cli, persist
 from fntk.likelihoods import Categorical, Gaussian
+
 from models import tanh_mlp
 
 F64 = torch.float64
