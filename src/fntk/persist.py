@@ -224,6 +224,8 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         "model_sha256": _module_hash(module),
         "linearized": enc({k: getattr(lin, k) for k in _LIN_STATE}),
     }
+    # tensors that lived on the model's device go back to the (new) model's device on load
+    meta["on_model_device"] = sorted(k for k, t in enc.tensors.items() if t.device == lin.device)
     payload = {
         "format": FORMAT,
         "meta": json.dumps(meta, indent=1, default=str),
@@ -311,6 +313,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
             f"fntk.load: the model's weights differ from those {p!r} was fitted to (sha256 of {which} "
             "does not match); load with the same trained network, unchanged"
         )
+    if lin.device.type != "cpu":
+        on_dev = set(meta.get("on_model_device", []))
+        tensors = {k: (t.to(lin.device) if k in on_dev else t) for k, t in tensors.items()}
     try:
         dec = _Decoder(lin, tensors)
         for k, v in dec(meta.get("linearized", {"__dict": {}})).items():
