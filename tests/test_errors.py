@@ -152,6 +152,7 @@ CASES = [
         ValueError,
         "not fitted",
     ),
+    ("reg-callback", lambda: fntk.NTKRegressor(_mlp()).fit(X, Y, callback="print"), TypeError, "callback"),
     # --- LinearizedClassifier
     ("clf-inference", lambda: fntk.LinearizedClassifier(_mlp(3), inference="mcmc"), ValueError, "laplace"),
     (

@@ -137,3 +137,22 @@ def test_same_seed_same_predictions():
     torch.manual_seed(7)
     r2 = fntk.NTKRegressor(m1, **opts).fit(x, y).predict(xt)
     assert torch.equal(r1.mean, r2.mean) and torch.equal(r1.variance, r2.variance)
+
+
+@pytest.mark.parametrize("space", ["function", "weight"])
+def test_regressor_cg_cap_warns_and_falls_back_to_direct(space):
+    """A tiny CG iteration cap: the regressor warns with the residual and repairs the solve
+    directly (the system fits the memory budget), matching the direct solver's predictions."""
+    torch.manual_seed(0)
+    m = tanh_mlp(d_in=3, width=8, k=1).to(F64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, dtype=F64, generator=g)
+    y = torch.sin(2 * x[:, 0])
+    xt = torch.randn(5, 3, dtype=F64, generator=g)
+    kw = dict(space=space, optimize=False, scale=1.0, noise=1e-4)
+    opts = {"max_cg_iterations": 2, "lanczos_iterations": 3}
+    with pytest.warns(NumericalWarning, match="relative residual") as rec:
+        it = fntk.NTKRegressor(m, solver="iterative", solver_options=opts, **kw).fit(x, y)
+    assert any("direct solve" in str(w.message) for w in rec)
+    direct = fntk.NTKRegressor(m, solver="direct", **kw).fit(x, y)
+    assert torch.allclose(it.predict(xt).mean, direct.predict(xt).mean, rtol=1e-6, atol=1e-8)

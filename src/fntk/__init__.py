@@ -6,6 +6,7 @@ from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
 from fntk.ntk import NTKMethod, ntk
 from fntk.operators import JacobianOperator, NTKOperator
+from fntk.persist import load
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "LinearizedClassifier",
     "get_memory_budget",
     "set_memory_budget",
+    "load",
     "__version__",
 ]

@@ -29,6 +29,7 @@ import torch
 from linear_operator.utils.linear_cg import linear_cg
 from torch import Tensor
 
+from fntk._numerics import check_cg
 from fntk.gp import _gram
 from fntk.gp._solvers import F64, LOG2PI, Hyper, Objective, _profile_b
 from fntk.linearize import Linearized
@@ -321,7 +322,9 @@ class Iterative:
                 # normalised rhs) stalls a well-preconditioned CG near 1e-5 relative residual
                 eps=torch.finfo(F64).tiny,
                 stop_updating_after=0.1 * self.tol,
+                max_tridiag_iter=0,  # no Lanczos from CG (its default 20 exceeds small CG caps)
             )[:, 0]
+            sol = check_cg(closure, rhs, sol, self.tol, self.lin.memory_budget, f"CG ({self.space} space)")
             self.cg_iterations.append(count[0])
             if self.space == "function":
                 # w̄ = s Jᵀα and the root JᵀU diag(√(s/(θ+λ))) in one batched vjp

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from fntk._callbacks import Callback, check_callback, observe
 from fntk.gp import _iterative, _plan, _solvers
 from fntk.gp._solvers import F64, Hyper
 from fntk.gp.posterior import NTKPosterior
@@ -169,9 +170,14 @@ class NTKRegressor:
             raise NotFittedError("this NTKRegressor is not fitted yet: call fit(x, y) first")
 
     # ------------------------------------------------------------------ fit
-    def fit(self, x: Tensor, y: Tensor) -> NTKRegressor:
+    def fit(self, x: Tensor, y: Tensor, callback: Callback | None = None) -> NTKRegressor:
         """Condition on data x (n, *feature_shape) and targets y (n,) [or (n, k) with output=None],
-        learning the hyperparameters first (unless ``optimize=False``). Returns self."""
+        learning the hyperparameters first (unless ``optimize=False``). Returns self.
+
+        ``callback``, if given, is called after every marginal-likelihood evaluation of the
+        hyperparameter search with ``{"step", "log_marginal_likelihood"}``; whatever it raises
+        (e.g. KeyboardInterrupt) stops the fit, leaving the regressor as it was."""
+        callback = check_callback(callback)
         lin = self.lin
         x = lin.check_input(x, "x")
         n, outputs = x.shape[0], None
@@ -218,7 +224,7 @@ class NTKRegressor:
             if self.constant is None
             else (torch.full((kk,), self.constant, dtype=F64) - mu) / sd,
         )
-        h = _solvers.optimize(st.objective(), init, self.learn) if self.learn else init
+        h = _solvers.optimize(observe(st.objective(), callback), init, self.learn) if self.learn else init
         st.condition(h)
         self._state, self._mu, self._sd, self._outputs_ = st, mu, sd, outputs
         self.space_, self.solver_, self.estimated_seconds_ = pl.space, pl.solver, pl.seconds
@@ -280,6 +286,13 @@ class NTKRegressor:
         if self.output is not None:
             return NTKPosterior(mean[0], var[0], noise[0], covariance)
         return NTKPosterior(mean.T, var.T, noise, covariance)
+
+    def save(self, path: str) -> None:
+        """Write the fitted regressor to ``path`` (tensors + JSON metadata; see :mod:`fntk.persist`).
+        Reload with ``fntk.load(path, model)`` and the same, unchanged, model."""
+        from fntk import persist
+
+        persist.save(self, path)
 
     def __repr__(self) -> str:
         fitted = f", space_={self.space_!r}, solver_={self.solver_!r}" if self._state is not None else ""
