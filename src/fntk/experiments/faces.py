@@ -12,7 +12,9 @@ Methods:
 
 - ``source``: the source network, its own heteroscedastic predictive.
 - ``ntk_gp``: :class:`fntk.NTKRegressor` on output 0 (all parameters), prior mean f₀(x; θ̂) + b,
-  scale, noise and b learned by marginal likelihood.
+  scale, noise and b learned by marginal likelihood. The kernel is computed from a float64 copy of
+  the network: the learned noise is tiny (the kernel nearly interpolates), below the round-off of
+  a float32 kernel, whose Cholesky factorisation then fails.
 - ``finetune_last``: the last layer retrained on the labelled target images (heteroscedastic NLL,
   Adam, lr 1e-3, batches of 32, 10 epochs; the paper's code used 15).
 - ``finetune_all``: all layers, the same loss and budget with lr 1e-4.
@@ -23,6 +25,7 @@ Metrics on the unlabelled target images: RMSE in degrees, Gaussian NLL of the an
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -135,7 +138,9 @@ def _seed(cfg: RunConfig, grid: dict, proportions: tuple[float, ...], seed: int,
         data = faces_transfer(p, seed, faces=faces)
         if net is None:  # the source people depend on the seed only
             net = _source_net(cfg, data, seed, grid["rotations"], grid["source_epochs"])
-            lin = Linearized(net)
+            # the GP's kernel in float64: with 1.63 M parameters the learned noise falls below the
+            # float32 kernel's round-off (its smallest eigenvalues come out negative, ~1e-5)
+            lin = Linearized(copy.deepcopy(net).double())
         x, y, xt, yt = data["x_target"], data["y_target"], data["x_test"], data["y_test"]
         for method in METHODS:
             t0 = time.perf_counter()
