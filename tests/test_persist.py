@@ -27,10 +27,6 @@ def mlp(k: int = 1, seed: int = 0) -> torch.nn.Module:
     return tanh_mlp(d_in=3, width=8, k=k).to(F64)
 
 
-def _save(obj, path):
-    (obj.save if hasattr(obj, "save") else lambda p: persist.save(obj, p))(path)
-
-
 @pytest.mark.parametrize(
     "kw",
     [
@@ -47,8 +43,8 @@ def test_regressor_round_trip_is_bitwise(kw, tmp_path):
     y = torch.stack([Y, -Y], 1) if k == 2 else Y
     reg = fntk.NTKRegressor(m, **kw).fit(X, y)
     path = tmp_path / "reg.fntk"
-    _save(reg, path)
-    back = fntk.load(path, m) if hasattr(fntk, "load") else persist.load(path, m)
+    reg.save(path)
+    back = fntk.load(path, m)
     assert type(back) is fntk.NTKRegressor and back.space_ == reg.space_ and back.solver_ == reg.solver_
     a, b = reg.predict(XT), back.predict(XT)
     assert torch.equal(a.mean, b.mean) and torch.equal(a.variance, b.variance)
@@ -63,7 +59,7 @@ def test_file_is_safe_torch_and_metadata_is_json(tmp_path):
     m = mlp()
     reg = fntk.NTKRegressor(m, params=["4.weight", "4.bias"], space="function").fit(X, Y)
     path = tmp_path / "reg.fntk"
-    _save(reg, path)
+    reg.save(path)
     payload = torch.load(path, weights_only=True)  # no pickled code needed
     assert payload["format"] == "fntk-adapter"
     assert all(isinstance(t, torch.Tensor) for t in payload["tensors"].values())
@@ -98,7 +94,7 @@ def test_classifier_round_trip_is_bitwise(kw, tmp_path):
     clf = fntk.LinearizedClassifier(m, prior_precision=2.0, **kw).fit(X, LABELS)
     path = tmp_path / "clf.fntk"
     clf.save(path)
-    back = persist.load(path, m)
+    back = fntk.load(path, m)
     assert type(back) is fntk.LinearizedClassifier and back.space_ == clf.space_
     assert torch.equal(clf.predict_proba(XT), back.predict_proba(XT))
     assert torch.equal(clf.weights(), back.weights())
@@ -116,7 +112,7 @@ def saved(tmp_path):
     m = mlp()
     reg = fntk.NTKRegressor(m, space="function", optimize=False).fit(X, Y)
     path = tmp_path / "reg.fntk"
-    _save(reg, path)
+    reg.save(path)
     return m, path
 
 
@@ -148,7 +144,7 @@ def test_refuses_changed_buffers(tmp_path):
         x, torch.ones(6, dtype=F64)
     )
     path = tmp_path / "cnn.fntk"
-    _save(reg, path)
+    reg.save(path)
     m.bn.running_mean.add_(0.5)  # a fixed buffer changes the network, so the adapter is stale
     with pytest.raises(ValueError, match="fixed parameters/buffers"):
         persist.load(path, m)
