@@ -195,7 +195,7 @@ class Iterative:
         return (torch.randint(0, 2, (self.N, t), generator=self.gen) * 2 - 1).to(F64).to(self.lin.device)
 
     def prior_scale(self) -> Tensor:
-        """tr(G)/n per output, estimated from the probes' quadrature when they exist, else exactly."""
+        """tr(G)/n = mean k(x_i, x_i) per output (k',), exactly (structured kernel diagonals)."""
         return _gram.kernel_diagonal(self.lin, self.x, self.outputs).to(F64).mean(-1)
 
     def _run_lanczos(self, with_probes: bool) -> None:

@@ -270,7 +270,7 @@ def optimize(
         return Hyper(init.scale, init.noise, b.detach())
     s_grid = [float(d) for d in torch.linspace(-6, 6, 13)] if learn_s else [0.0]
     n_grid = [float(v) for v in torch.linspace(math.log(1e-5), 0.0, 11)] if learn_n else [None]
-    best = torch.full((k,), -math.inf, dtype=F64)
+    best = torch.full((k,), -math.inf, dtype=F64, device=init.scale.device)
     start_s, start_u = ls0.clone(), lu0.clone()
     with torch.no_grad():
         for ds in s_grid:

@@ -112,7 +112,9 @@ class NTKKernel(Kernel):
     def _output(self) -> int:
         return int(_check_output(self.lin, self.output))
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ) -> NTKOperator | Tensor:
         """K(x1, x2) as an NTKOperator (n1 × n2), or its diagonal (n,) when ``diag``."""
         if last_dim_is_batch:
             raise ValueError("NTKKernel does not support last_dim_is_batch")
@@ -135,7 +137,9 @@ class NTKKernel(Kernel):
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return 1
 
-    def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
+    def prediction_strategy(
+        self, train_inputs, train_prior_dist, train_labels, likelihood
+    ) -> NTKPredictionStrategy:
         return NTKPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood, kernel=self)
 
 
@@ -190,7 +194,9 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
         mean_cache = torch.cholesky_solve((F.T @ resid)[:, None], L)[:, 0]
         return mean_cache, L
 
-    def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+    def exact_prediction(
+        self, test_mean: Tensor, test_test_covar, test_train_covar
+    ) -> tuple[Tensor, LinearOperator]:
         if not self.weight_space:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         op, const = _unwrap(test_test_covar)

@@ -77,9 +77,9 @@ class NTKPosterior:
         m = C.shape[-1]
         if predictive:
             noise = torch.as_tensor(self.noise, dtype=C.dtype).reshape(-1, 1, 1)
-            C = C + noise * torch.eye(m, dtype=C.dtype)
+            C = C + noise.to(C.device) * torch.eye(m, dtype=C.dtype, device=C.device)
         L = psd_safe_cholesky(0.5 * (C + C.mT))
-        eps = torch.randn(C.shape[0], m, num_samples, dtype=C.dtype, generator=generator)
+        eps = torch.randn(C.shape[0], m, num_samples, dtype=C.dtype, generator=generator).to(C.device)
         draws = (L @ eps).permute(2, 1, 0)  # (s, m, k')
         draws = draws + (self.mean if multi else self.mean[:, None])
         return draws if multi else draws[..., 0]

@@ -74,7 +74,16 @@ class NTKRegressor:
             available RAM); beyond it "auto" goes matrix-free.
 
     After :meth:`fit`: ``space_`` ("function" | "weight"), ``solver_`` ("direct" | "iterative"),
-    ``scale_``, ``noise_``, ``constant_`` (floats, or (k,) tensors with ``output=None``).
+    ``scale_``, ``noise_``, ``constant_`` (floats, or (k,) tensors with ``output=None``),
+    ``estimated_seconds_`` (the planner's estimates behind the choice).
+
+    Example::
+
+        reg = fntk.NTKRegressor(net).fit(x, y)        # x (n, d), y (n,)
+        post = reg.predict(x_test)                    # NTKPosterior
+        post.mean, post.variance, post.predictive_variance      # (m,) each
+        lower, upper = post.confidence_region()       # mean ∓ 2 stddev
+        reg.noise_, reg.log_marginal_likelihood(), reg.space_
     """
 
     def __init__(
@@ -180,10 +189,9 @@ class NTKRegressor:
         callback = check_callback(callback)
         lin = self.lin
         x = lin.check_input(x, "x")
-        n, outputs = x.shape[0], None
-        outputs = self._outputs()
+        n, outputs = x.shape[0], self._outputs()
         kk = len(outputs)
-        Y = self._check_y(y, n, kk)
+        Y = self._check_y(y, n, kk).to(lin.device)
         prior = lin.forward(x)[:, outputs].to(F64) if self.mean == "network" else torch.zeros_like(Y)
         resid = Y - prior
         mu = resid.mean(0)
@@ -214,15 +222,13 @@ class NTKRegressor:
 
         prior_scale = st.prior_scale().clamp_min(1e-300)
         init = Hyper(
-            scale=(1.0 / prior_scale)
-            if self.scale is None
-            else torch.full((kk,), self.scale, dtype=F64) / sd**2,
-            noise=torch.full((kk,), DEFAULT_NOISE, dtype=F64)
+            scale=(1.0 / prior_scale) if self.scale is None else sd.new_full((kk,), self.scale) / sd**2,
+            noise=sd.new_full((kk,), DEFAULT_NOISE)
             if self.noise is None
-            else torch.full((kk,), self.noise, dtype=F64) / sd**2,
-            constant=torch.zeros(kk, dtype=F64)
+            else sd.new_full((kk,), self.noise) / sd**2,
+            constant=sd.new_zeros(kk)
             if self.constant is None
-            else (torch.full((kk,), self.constant, dtype=F64) - mu) / sd,
+            else (sd.new_full((kk,), self.constant) - mu) / sd,
         )
         h = _solvers.optimize(observe(st.objective(), callback), init, self.learn) if self.learn else init
         st.condition(h)
