@@ -324,8 +324,8 @@ class Iterative:
                 stop_updating_after=0.1 * self.tol,
                 max_tridiag_iter=0,  # no Lanczos from CG (its default 20 exceeds small CG caps)
             )[:, 0]
+            self.cg_iterations.append(count[0])  # before the check (its products are not CG steps)
             sol = check_cg(closure, rhs, sol, self.tol, self.lin.memory_budget, f"CG ({self.space} space)")
-            self.cg_iterations.append(count[0])
             if self.space == "function":
                 # w̄ = s Jᵀα and the root JᵀU diag(√(s/(θ+λ))) in one batched vjp
                 cols = torch.cat([sol[:, None], Uv], -1)
