@@ -239,6 +239,8 @@ def test_errors():
         ValueError, match=r"space must be one of \('auto', 'function', 'weight'\), got 'kernel'"
     ):
         NTKRegressor(model, space="kernel")
+    with pytest.raises(ValueError, match="method must be one of"):
+        NTKRegressor(model, method="fast")
     with pytest.raises(ValueError, match="solver must be one of"):
         NTKRegressor(model, solver="cholesky")
     with pytest.raises(ValueError, match="mean must be one of"):

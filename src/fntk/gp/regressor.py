@@ -28,6 +28,7 @@ from fntk.gp import _iterative, _plan, _solvers
 from fntk.gp._solvers import F64, Hyper
 from fntk.gp.posterior import NTKPosterior
 from fntk.linearize import Linearized, ParamSelection
+from fntk.ntk import NTKMethod
 
 MEANS = ("network", "constant")
 HYPERPARAMETERS = ("scale", "noise", "constant")
@@ -59,8 +60,10 @@ class NTKRegressor:
         noise: observation noise variance σ² (initial value when it is learned).
         optimize: learn the hyperparameters by maximising the marginal likelihood: True (all of
             scale, noise, constant), False (keep the given/default values) or an iterable naming
-            the ones to learn, e.g. ``("scale", "constant")``.
-        method: how the dense kernel is computed (passed to ``fntk.ntk``: "auto", ...).
+            the ones to learn, e.g. ``("scale", "constant")``. A learned noise stays above
+            1e-6 × the variance of the residual y − f_c(x) (a jitter floor).
+        method: how the dense kernel is computed, passed to ``fntk.ntk``: an ``fntk.NTKMethod``
+            or its name ("auto", "structured", "contraction", "products").
         mean: ``"network"`` (f_c(x; θ̂) + b) or ``"constant"`` (b only).
         scale: kernel scale s (the prior variance of w − θ̂); initial value when learned.
         constant: the constant b of the prior mean; initial value when learned.
@@ -115,6 +118,13 @@ class NTKRegressor:
             raise ValueError(f"solver must be one of {_plan.SOLVERS}, got {solver!r}")
         if mean not in MEANS:
             raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
+        try:
+            NTKMethod(method.lower() if isinstance(method, str) else method)
+        except ValueError:
+            names = tuple(m.value for m in NTKMethod)
+            raise ValueError(
+                f"method must be one of {names} (or an fntk.NTKMethod), got {method!r}"
+            ) from None
         if output is not None and (isinstance(output, bool) or not isinstance(output, int)):
             raise ValueError(f"output must be an int output index or None, got {output!r}")
         if isinstance(optimize, bool):
