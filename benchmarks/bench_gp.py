@@ -63,12 +63,13 @@ def run_once(model: nn.Module, x, y, xs, space: str) -> tuple[float, str, str]:
     return time.perf_counter() - t0, reg.space_, reg.solver_
 
 
-def study(cells: list[tuple[str, nn.Module, int]], d: int, cap: float) -> list[dict]:
+def study(name: str, cells: list[tuple[str, nn.Module, int]], d: int, cap: float) -> list[dict]:
     """Time every (cell, space). A cell is skipped when its time, extrapolated from the previous
     measured cell of the same path by the planner's estimates (which calibrates them to this
     machine), exceeds ``cap``; a forced space whose path equals auto's is run once when slow.
     Cheap spaces of a cell are timed in interleaved rounds (min over rounds), so that load changes
-    on the shared machine hit them alike."""
+    on the shared machine hit them alike. ``name`` labels the study (fntk.experiments.speed calls
+    this too); ``d`` is the input dimension."""
     rows, last = [], {}  # last: (space, solver) -> (measured, estimated)
     for label, model, n in cells:
         x, y, xs = data(n, d)
@@ -227,12 +228,12 @@ def main() -> None:
         # warm-up: first calls pay one-time imports and vmap set-up
         run_once(mlp([5, 8, 1], act=nn.ELU), *data(20, 5), "auto")
         print("A: 5-200-2000-200-1 ELU MLP, fixed hyperparameters, fit + predict 50 points")
-        rows_a = study([(f"n={n}", big, n) for n in ns], 5, cap)
+        rows_a = study("A", [(f"n={n}", big, n) for n in ns], 5, cap)
         print("B: depth-5 ELU MLP, n = 1000")
         cells_b = [
             (f"width={w}", mlp([5] + [w] * 5 + [1], act=nn.ELU, dtype=torch.float32), 1000) for w in widths
         ]
-        rows_b = study(cells_b, 5, cap)
+        rows_b = study("B", cells_b, 5, cap)
         for r, (label, _, _) in zip(rows_b, cells_b):
             r["width"] = int(label.split("=")[1])
         total = time.perf_counter() - t0
