@@ -55,7 +55,14 @@ def test_mismatched_inputs_are_reported_on_every_rank(tmp_path):
 
 
 def test_failing_rank_ends_the_group_quickly(tmp_path):
+    """Rank 1 raises while rank 0 waits in an all-reduce: the group ends with an error, no hang.
+
+    Whichever rank's failure is reported first wins the race: rank 1's own exception, or rank 0's
+    collective failing because its peer closed the connection.
+    """
     t0 = time.monotonic()
-    with pytest.raises(Exception, match="deliberate failure on rank 1"):
+    with pytest.raises(Exception) as info:  # torch.multiprocessing.ProcessRaisedException or ...Exited...
         _spawn(dist_worker.failing, tmp_path / "x")
     assert time.monotonic() - t0 < 60
+    msg = str(info.value)
+    assert "deliberate failure on rank 1" in msg or "process 0" in msg or "Connection" in msg, msg
