@@ -79,3 +79,43 @@ def failing(rank: int, world: int, port: int, out: str, case: str) -> None:
     if rank == 1:
         raise RuntimeError("deliberate failure on rank 1")
     lin.vjp(x1, torch.ones(x1.shape[0], 1, dtype=torch.float64))
+
+
+def inference_results(space: str) -> dict:
+    """NTKRegressor (fixed and learned hyperparameters) and LinearizedClassifier results."""
+    import fntk
+
+    from models import make, tanh_mlp
+
+    torch.manual_seed(0)
+    model, x1, x2 = make("mlp")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(1)) + 0.1 * torch.randn(24, generator=g, dtype=torch.float64)
+    fixed = fntk.NTKRegressor(model, space=space, noise=0.05, optimize=False).fit(x, y)
+    post_fixed = fixed.predict(x2)
+    reg = fntk.NTKRegressor(model, space=space).fit(x, y)
+    post = reg.predict(x2)
+    torch.manual_seed(1)
+    clf_net = tanh_mlp(k=3).double()
+    labels = torch.randint(0, 3, (24,), generator=g)
+    clf = fntk.LinearizedClassifier(clf_net, inference="laplace", prior_precision=1.0).fit(x, labels)
+    return {
+        "fixed_mean": post_fixed.mean,
+        "fixed_variance": post_fixed.variance,
+        "fixed_lml": torch.as_tensor(fixed.log_marginal_likelihood()),
+        "mean": post.mean,
+        "variance": post.variance,
+        "lml": torch.as_tensor(reg.log_marginal_likelihood()),
+        "proba": clf.predict_proba(x2),
+    }
+
+
+def inference(rank: int, world: int, port: int, out: str, space: str) -> None:
+    _init(rank, world, port)
+    try:
+        res = inference_results(space)
+        if rank == 0:
+            torch.save(res, out)
+    finally:
+        dist.destroy_process_group()
