@@ -59,7 +59,14 @@ def run(n: int, r: int, dtype: torch.dtype, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="n = 500, one repeat")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine 2 threads ran 10x slower under load)",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     n, r, repeats = (500, 16, 1) if args.quick else (2000, 16, 3)
     rows = [run(n, r, dt, repeats) for dt in (torch.float32, torch.float64)]
     lines = [

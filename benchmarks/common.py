@@ -48,7 +48,9 @@ def machine_note() -> str:
     import os
     import platform
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads."
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} "
+        "at the end (other jobs shared the cores: ratios are within one run)."
     )
