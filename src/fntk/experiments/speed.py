@@ -21,6 +21,7 @@ does); results go to ``cfg.out``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import sys
 import time
@@ -44,9 +45,10 @@ from fntk.experiments.common import (
 METRICS = ("seconds", "ratio")
 BENCH_MODULES = ("bench_products", "bench_ntk", "bench_curvature", "bench_gp")
 QUICK = {"products_n": 300, "ntk_n": (100,), "curvature": {"mlp": 100}, "gp_n": (300,),
-         "gp_widths": (50,), "cap": 10.0, "repeats": 1}
+         "gp_widths": (50,), "cap": 10.0, "repeats": 1, "quick": True}
 FULL = {"products_n": 2000, "ntk_n": (500, 2000), "curvature": {"mlp": 2000, "cnn": 500},
-        "gp_n": (300, 1000, 2000, 5000), "gp_widths": (10, 50, 200, 500, 1000), "cap": 60.0, "repeats": 3}
+        "gp_n": (300, 1000, 2000, 5000), "gp_widths": (10, 50, 200, 500, 1000), "cap": 60.0, "repeats": 3,
+        "quick": False}
 
 
 def benchmarks_dir() -> Path:
@@ -70,6 +72,13 @@ def load_benchmarks() -> dict[str, ModuleType]:
     return {name: importlib.import_module(name) for name in BENCH_MODULES}
 
 
+def _call(fn, *args, **optional):
+    """fn(*args, **the optional keyword arguments its signature accepts): the benchmark scripts
+    evolve independently, and newer ones take extra knobs (``quick``, ``rounds``)."""
+    accepted = inspect.signature(fn).parameters
+    return fn(*args, **{k: v for k, v in optional.items() if k in accepted})
+
+
 def _products(b: ModuleType, grid: dict) -> list[dict]:
     out = []
     for dtype in (torch.float32, torch.float64):
@@ -88,7 +97,7 @@ def _ntk(b: ModuleType, grid: dict) -> list[dict]:
     net = b.mlp([2, 500, 500, 1], dtype=torch.float64)
     for n in grid["ntk_n"]:
         x = torch.randn(n, 2, dtype=torch.float64)
-        rows = b.run_cell("MLP 2-500-500-1", net, x, "full", grid["cap"], ratio)
+        rows = _call(b.run_cell, "MLP 2-500-500-1", net, x, "full", grid["cap"], ratio, quick=grid["quick"])
         ref = rows.get("tutorial contraction", {}).get("t")
         for method, r in rows.items():
             if "t" not in r:
@@ -102,14 +111,21 @@ def _ntk(b: ModuleType, grid: dict) -> list[dict]:
 def _curvature(b: ModuleType, grid: dict) -> list[dict]:
     out = []
     for name, n in grid["curvature"].items():
-        res = b.run(name, n, grid["repeats"])
+        res = _call(b.run, name, n, **_repeats_or_rounds(b.run, grid))
         case = f"{'2-500-500-1 MLP' if name == 'mlp' else 'LeNet-5 CNN'} GGN @ V, n={n}"
         for (method, r), t in res["times"].items():
-            # (product, gradient timed next to it) or a bare product time against the best gradient
-            t, t_grad = t if isinstance(t, tuple) else (t, res["grad"])
+            # the gradient timed alongside the r-column products if recorded, else the best one
+            t, t_grad = t if isinstance(t, tuple) else (t, res.get(("grad", r), res["grad"]))
             out.append({"study": "curvature", "case": f"{case}, r={r}", "method": method, "seconds": t,
                         "ratio": t / t_grad, "baseline": "product / one gradient"})
     return out
+
+
+def _repeats_or_rounds(fn, grid: dict) -> dict:
+    """bench_curvature.run takes ``repeats`` (older) or ``rounds`` = (r = 1 rounds, r = 16 rounds)."""
+    if "rounds" in inspect.signature(fn).parameters:
+        return {"rounds": (2, 1) if grid["quick"] else (15, 3)}
+    return {"repeats": grid["repeats"]}
 
 
 def _gp(b: ModuleType, grid: dict) -> list[dict]:
