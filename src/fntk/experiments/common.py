@@ -163,7 +163,7 @@ def save_figure(fig, out: Path, name: str) -> Path:
     return path
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 

@@ -92,7 +92,7 @@ def _net_predictive(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _predict(method: str, net: nn.Module, lin: Linearized, x: Tensor, y: Tensor, xt: Tensor, seed: int,
-             epochs: int):
+             epochs: int) -> tuple[Tensor, Tensor]:
     """(mean, predictive variance) of one method at xt, in standardised-angle units."""
     if method == "source":
         return _net_predictive(net, xt)

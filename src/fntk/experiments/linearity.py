@@ -24,6 +24,7 @@ Also the MSE of each against the noiseless truth on the grid. Mean ± std over s
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -91,8 +92,6 @@ def _theta_hat(cfg: RunConfig, width: int, state: str, seed: int, data: dict) ->
 
 def _gd_network(net: nn.Module, x: Tensor, y: Tensor, lr: float, steps: int) -> nn.Module:
     """Full-batch gradient descent on ½·mean (f − y)² from a copy of net (plain SGD, no momentum)."""
-    import copy
-
     net = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     for _ in range(steps):

@@ -117,7 +117,7 @@ def _predict_chunks(reg: NTKRegressor, x: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _predict(method: str, net: nn.Module, lin: Linearized, x: Tensor, y: Tensor, xt: Tensor,
-             steps: tuple[int, ...], info: dict):
+             steps: tuple[int, ...], info: dict) -> tuple[Tensor, Tensor]:
     """(mean, predictive variance) of one method at the test inputs xt.
 
     ``steps``: the fine-tuning step counts cross-validated over; the chosen lr/steps go to ``info``.

@@ -25,8 +25,10 @@ import inspect
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +74,7 @@ def load_benchmarks() -> dict[str, ModuleType]:
     return {name: importlib.import_module(name) for name in BENCH_MODULES}
 
 
-def _call(fn, *args, **optional):
+def _call(fn: Callable, *args: Any, **optional: Any) -> Any:
     """fn(*args, **the optional keyword arguments its signature accepts): the benchmark scripts
     evolve independently, and newer ones take extra knobs (``quick``, ``rounds``)."""
     accepted = inspect.signature(fn).parameters
