@@ -72,6 +72,7 @@ def worker(rank: int, world: int, port: int, n: int, repeats: int, out: str) -> 
             torch.save({"product": t_prod, "fit": t_fit}, out)
     finally:
         if world > 1:
+            dist.barrier()  # gloo can abort a rank whose peer tears down first
             dist.destroy_process_group()
 
 

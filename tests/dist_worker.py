@@ -22,6 +22,13 @@ def _init(rank: int, world: int, port: int) -> None:
     )
 
 
+def _finish() -> None:
+    """Wait for every rank before tearing the group down (gloo aborts a rank whose peer has
+    already destroyed its side mid-teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def products(rank: int, world: int, port: int, out: str, case: str) -> None:
     """Every product of Linearized and the operators, saved by rank 0."""
     import fntk
@@ -45,7 +52,7 @@ def products(rank: int, world: int, port: int, out: str, case: str) -> None:
         if rank == 0:
             torch.save(res, out)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
@@ -64,7 +71,7 @@ def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
             with open(f"{out}.{rank}", "w") as fh:
                 fh.write(str(err))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def failing(rank: int, world: int, port: int, out: str, case: str) -> None:
@@ -118,4 +125,4 @@ def inference(rank: int, world: int, port: int, out: str, space: str) -> None:
         if rank == 0:
             torch.save(res, out)
     finally:
-        dist.destroy_process_group()
+        _finish()
