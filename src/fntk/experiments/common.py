@@ -199,3 +199,24 @@ def default_threads(cfg: RunConfig) -> int:
     small and medium kernels ran 3-15x faster single-threaded than with both cores contended.
     """
     return int(cfg.extra.get("threads", os.environ.get("FNTK_THREADS", 1)))
+
+
+def train_heteroscedastic_source(
+    cfg: RunConfig, net: torch.nn.Module, data: dict, key: str, epochs: int, lr: float, batch_size: int,
+    seed: int, label: str,
+) -> torch.nn.Module:
+    """``net`` (a mean + raw-variance head) trained on ``data["x_source"], data["y_source"]`` by the
+    heteroscedastic Gaussian NLL with Adam, with a progress bar; cached under ``key``; eval mode."""
+    from fntk import baselines
+    from fntk.data.nets import heteroscedastic_nll
+
+    def train() -> torch.nn.Module:
+        bar = TrainingBar(f"{label} source net seed {seed}", epochs)
+        trained = baselines.finetune(
+            net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs, lr,
+            seed=seed, batch_size=batch_size, history=bar,
+        )
+        bar.close()
+        return trained
+
+    return cached_state(cfg.cache, key, train, net).eval()

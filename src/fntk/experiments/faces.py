@@ -38,8 +38,6 @@ from fntk.data.faces import faces_transfer, rotated_faces
 from fntk.data.nets import FacesCNN, heteroscedastic_mean_var, heteroscedastic_nll
 from fntk.experiments.common import (
     RunConfig,
-    TrainingBar,
-    cached_state,
     default_threads,
     format_table,
     progress,
@@ -49,6 +47,7 @@ from fntk.experiments.common import (
     seeded,
     summarize,
     torch_threads,
+    train_heteroscedastic_source,
     write_results,
 )
 from fntk.gp import NTKRegressor
@@ -71,17 +70,10 @@ def _source_net(cfg: RunConfig, data: dict, seed: int, rotations: int, epochs: i
     """The heteroscedastic FacesCNN trained on the source people; cached."""
     net = seeded(seed, lambda: FacesCNN(outputs=2))
 
-    def train() -> nn.Module:
-        bar = TrainingBar(f"faces source net seed {seed}", epochs)
-        trained = baselines.finetune(
-            net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs,
-            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"], history=bar,
-        )
-        bar.close()
-        return trained
-
     key = f"faces_source_seed{seed}_rot{rotations}_epochs{epochs}"
-    return cached_state(cfg.cache, key, train, net).eval()
+    return train_heteroscedastic_source(
+        cfg, net, data, key, epochs, SOURCE["lr"], SOURCE["batch_size"], seed, "faces"
+    )
 
 
 def _net_predictive(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -47,8 +47,6 @@ from fntk.data.malaria import MalariaYear, malaria_transfer
 from fntk.data.nets import heteroscedastic_mean_var, heteroscedastic_mlp, heteroscedastic_nll
 from fntk.experiments.common import (
     RunConfig,
-    TrainingBar,
-    cached_state,
     default_threads,
     format_table,
     progress,
@@ -58,6 +56,7 @@ from fntk.experiments.common import (
     seeded,
     summarize,
     torch_threads,
+    train_heteroscedastic_source,
     write_results,
 )
 from fntk.gp import NTKRegressor
@@ -84,17 +83,10 @@ def _source_net(cfg: RunConfig, data: dict, seed: int, epochs: int) -> nn.Module
     """The heteroscedastic 2-500-500-2 tanh network trained on the 2012 pixels; cached."""
     net = seeded(seed, lambda: heteroscedastic_mlp((2, 500, 500), "tanh"))
 
-    def train() -> nn.Module:
-        bar = TrainingBar(f"malaria source net seed {seed}", epochs)
-        trained = baselines.finetune(
-            net, data["x_source"], data["y_source"], "all", heteroscedastic_nll, epochs,
-            SOURCE["lr"], seed=seed, batch_size=SOURCE["batch_size"], history=bar,
-        )
-        bar.close()
-        return trained
-
     key = f"malaria_source_standardised_seed{seed}_n{data['x_source'].shape[0]}_epochs{epochs}"
-    return cached_state(cfg.cache, key, train, net).eval()
+    return train_heteroscedastic_source(
+        cfg, net, data, key, epochs, SOURCE["lr"], SOURCE["batch_size"], seed, "malaria"
+    )
 
 
 def _net_predictive(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
