@@ -234,7 +234,9 @@ class LinearizedClassifier:
         self.likelihood_: Likelihood = Categorical() if k >= 2 else Bernoulli()
         self._y = y if k >= 2 else y.to(F64)[:, None]
         self.num_classes_ = max(k, 2)
-        mu0 = None if self.prior_mean == "theta" else torch.zeros(self.lin.num_params, dtype=F64)
+        mu0 = None
+        if self.prior_mean == "zero":
+            mu0 = torch.zeros(self.lin.num_params, dtype=F64, device=self.lin.device)
         space, dense = self._choose(n, k)
         if space == "function":
             backend: FunctionSpace | WeightSpace = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)

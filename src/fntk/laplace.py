@@ -259,6 +259,10 @@ def _lower_solve(R: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(R, B, upper=False)
 
 
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
 def _chol(A: Tensor) -> Tensor:
     """Cholesky with a tiny escalating jitter (warned, with the amount) for matrices that are PD
     only up to rounding; see :func:`fntk._numerics.safe_cholesky`."""
@@ -289,7 +293,7 @@ class FunctionSpace:
         K = kernel_matrix(lin, x)
         self.K = 0.5 * (K + K.T)  # (nk, nk)
         self.m0 = prior_mean_function(lin, x, mu0)  # (n, k)
-        self.a = torch.zeros(self.n * self.k, dtype=F64)
+        self.a = torch.zeros(self.n * self.k, dtype=F64, device=lin.device)
         self.lam: float | None = None
 
     # --- pieces
@@ -348,7 +352,7 @@ class FunctionSpace:
             L = terms.L
             h = (f - self.m0).reshape(-1)
             b = self._Lx(L, self._Lt(L, h[:, None]))[:, 0] - terms.g.reshape(-1)
-            R = _chol(torch.eye(L.shape[0] * L.shape[2], dtype=F64) + self._LtKL(L, lam))
+            R = _chol(_eye(L.shape[0] * L.shape[2], L) + self._LtKL(L, lam))
             Kb = self.K @ b / lam
             c = torch.cholesky_solve(self._Lt(L, Kb[:, None]), R)
             d = b - self._Lx(L, c)[:, 0] - self.a
@@ -375,7 +379,7 @@ class FunctionSpace:
         self.f_star = self._f(self.a, lam)
         self.terms = Terms(self.lik, self.f_star, self.y)
         L = self.terms.L
-        self.R = _chol(torch.eye(L.shape[0] * L.shape[2], dtype=F64) + self._LtKL(L, lam))
+        self.R = _chol(_eye(L.shape[0] * L.shape[2], L) + self._LtKL(L, lam))
 
     # --- evidence
     def weight_sqnorm(self) -> float:
@@ -388,7 +392,7 @@ class FunctionSpace:
 
     def effective_params(self) -> float:
         """γ = tr(G (G + λI)⁻¹) = n·m − tr(B⁻¹)."""
-        Rinv = _lower_solve(self.R, torch.eye(self.R.shape[0], dtype=F64))
+        Rinv = _lower_solve(self.R, _eye(self.R.shape[0], self.R))
         return float(self.R.shape[0] - Rinv.square().sum())
 
     def log_evidence(self) -> float:
@@ -575,7 +579,7 @@ class WeightSpace:
     def effective_params(self) -> float:
         """γ = tr(G (G + λI)⁻¹) = p − λ tr(P⁻¹) (dense), Σ s/(s + λ) (low rank)."""
         if self.dense:
-            Rinv = _lower_solve(self.R, torch.eye(self.p, dtype=F64))
+            Rinv = _lower_solve(self.R, _eye(self.p, self.R))
             return float(self.p - self.lam * Rinv.square().sum())
         return float((self.s / (self.s + self.lam)).sum())
 

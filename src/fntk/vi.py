@@ -109,7 +109,7 @@ def fit_vi(
     half = torch.randn(n, (num_samples + 1) // 2, k, generator=g, dtype=F64)
     xi = torch.cat([half, -half], dim=1)[:, :num_samples].to(Phi.device)  # antithetic pairs
     mu = (torch.zeros(r, dtype=F64) if mu0 is None else mu0.clone()).to(Phi.device).requires_grad_(True)
-    C0 = torch.eye(r, dtype=F64) / math.sqrt(lam) if C0 is None else C0
+    C0 = torch.eye(r, dtype=F64, device=Phi.device) / math.sqrt(lam) if C0 is None else C0
     # C = tril(M, -1) + diag(exp(d)): unconstrained, with a positive diagonal
     d = torch.log(C0.diagonal().abs().clamp_min(1e-30)).clone().to(Phi.device).requires_grad_(True)
     M = torch.tril(C0, -1).clone().to(Phi.device).requires_grad_(True)
