@@ -22,6 +22,18 @@ def _init(rank: int, world: int, port: int) -> None:
     )
 
 
+def kernels(lin, x1, x2) -> dict:
+    """fntk.ntk in every output mode, x2 = x1 and x2 != x1 (rows sharded under distributed)."""
+    import fntk
+
+    return {
+        "ntk_full": fntk.ntk(lin, x1, x2),
+        "ntk_sym": fntk.ntk(lin, x1),
+        "ntk_indep": fntk.ntk(lin, x1, outputs="independent"),
+        "ntk_out0": fntk.ntk(lin, x1[:1], x2, outputs=0),  # one point: a rank with no rows
+    }
+
+
 def _finish() -> None:
     """Wait for every rank before tearing the group down (gloo aborts a rank whose peer has
     already destroyed its side mid-teardown)."""
@@ -49,6 +61,7 @@ def products(rank: int, world: int, port: int, out: str, case: str) -> None:
         res["ntk_matmul"] = K @ W
         res["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
         res["ntk_dense"] = K.to_dense()
+        res.update(kernels(lin, x1, x2))
         if rank == 0:
             torch.save(res, out)
     finally:

@@ -14,6 +14,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from fntk import distributed
 from fntk.linearize import Linearized
 from fntk.ntk import contraction, products, structured
 from fntk.ntk.common import NTKMemoryError, Outputs, gib, pairs
@@ -162,8 +163,29 @@ def ntk(
     """
     meth = _method(method)
     x1, x2, sym, spec, budget = prepare(lin, x1, x2, outputs, memory_budget)
+    if distributed.is_active():
+        return spec.finalize(_sharded(lin, x1, x2, sym, spec, budget, meth))
     if meth is NTKMethod.AUTO:
         meth, _ = _choose(lin, x1, x2, sym, spec, budget)
     with torch.no_grad():
         K = _IMPL[meth](lin, x1, x2, sym, spec, budget)
     return spec.finalize(K)
+
+
+def _sharded(lin: Linearized, x1: Tensor, x2: Tensor, sym: bool, spec: Outputs, budget: int,
+             meth: NTKMethod) -> Tensor:
+    """Under torch.distributed: each rank computes the kernel rows of its shard of x1 against all
+    of x2 (rank-local work, no collectives inside), then the row blocks are all-gathered."""
+    n1, s = x1.shape[0], distributed.shard(x1.shape[0])
+    rows = x1[s] if s.stop > s.start else x1[:1]  # more ranks than points: an empty block
+    with distributed.local(), torch.no_grad():
+        m = _choose(lin, rows, x2, False, spec, budget)[0] if meth is NTKMethod.AUTO else meth
+        K = _IMPL[m](lin, rows, x2, False, spec, budget)
+    K = K if s.stop > s.start else K[:0] if spec.mode == "full" else K[:, :0]
+    if spec.mode == "full":  # (n1, k', n2, k')
+        K = distributed.gather_rows(K, n1)
+    else:  # (k', n1, n2): gather along the point axis
+        K = distributed.gather_rows(K.transpose(0, 1).contiguous(), n1).transpose(0, 1)
+    if sym:  # computed as rows against all of x2: restore exact symmetry
+        K = 0.5 * (K + (K.permute(2, 3, 0, 1) if spec.mode == "full" else K.transpose(1, 2)))
+    return K
