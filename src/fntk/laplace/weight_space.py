@@ -1,0 +1,247 @@
+"""MAP and Laplace for the linearized classifier in weight space (see :mod:`fntk.laplace`)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from linear_operator.utils.linear_cg import linear_cg
+from linear_operator.utils.warnings import NumericalWarning
+from torch import Tensor
+
+from fntk.curvature import lanczos_root
+from fntk.laplace.kernels import kernel_diag_blocks, prior_mean_function
+from fntk.laplace.newton import (
+    F64,
+    FitInfo,
+    Terms,
+    _chol,
+    _eye,
+    _hessian_derivative,
+    _lower_solve,
+    _notify,
+    line_search,
+)
+from fntk.likelihoods import Likelihood
+from fntk.linearize import Linearized
+
+
+class WeightSpace:
+    r"""Newton/Laplace on w directly; dense J and Cholesky (``dense=True``) or matrix-free CG and a
+    Lanczos root of rank ``rank`` (``dense=False``). See the module docstring."""
+
+    space = "weight"
+
+    def __init__(
+        self,
+        lin: Linearized,
+        x: Tensor,
+        y: Tensor,
+        lik: Likelihood,
+        mu0: Tensor | None,
+        dense: bool,
+        rank: int = 100,
+        cg_tol: float = 1e-12,
+    ):
+        self.lin, self.x, self.y, self.lik = lin, x, y, lik
+        self.n, self.k, self.p = x.shape[0], lin.num_outputs, lin.num_params
+        self.dense, self.rank, self.cg_tol = dense, min(rank, self.p), cg_tol
+        self.theta = lin.theta.to(F64)
+        self.mu0_arg = mu0
+        self.mu0 = self.theta.clone() if mu0 is None else mu0
+        self.f0 = lin.forward(x).to(F64)
+        self.J = lin.jacobian_mat(x).to(F64) if dense else None  # (n, k, p)
+        self.w = self.theta.clone()  # start at the source network
+        self.lam: float | None = None
+
+    def jv(self, V: Tensor, x: Tensor | None = None) -> Tensor:
+        """J V for V (p, r) → (n, k, r) float64."""
+        if x is None and self.J is not None:
+            return torch.einsum("nkp,pr->nkr", self.J, V)
+        x = self.x if x is None else x
+        return self.lin.jvp_mat(x, V.to(self.lin.dtype)).to(F64)
+
+    def jtu(self, U: Tensor) -> Tensor:
+        """Jᵀ U for U (n, k, r) → (p, r) float64."""
+        if self.J is not None:
+            return torch.einsum("nkp,nkr->pr", self.J, U)
+        return self.lin.vjp_mat(self.x, U.to(self.lin.dtype)).to(F64)
+
+    def _ggn_mv(self, L: Tensor, V: Tensor) -> Tensor:
+        """G V = Jᵀ L Lᵀ J V for V (p, r)."""
+        JV = self.jv(V)
+        return self.jtu(torch.einsum("nkm,nlm,nlr->nkr", L, L, JV))
+
+    def _precision_chol(self, L: Tensor, lam: float) -> Tensor:
+        B = torch.einsum("nkm,nkp->nmp", L, self.J).reshape(-1, self.p)
+        P = B.T @ B
+        P.diagonal().add_(lam)
+        return _chol(P)
+
+    def fit(self, lam: float, tol: float, max_iter: int) -> FitInfo:
+        """Damped Newton (dense Cholesky or CG) to ‖∇_w Ψ‖ ≤ tol, warm-started at the last w."""
+        self.lam = lam
+        info = FitInfo()
+        for it in range(max_iter + 1):
+            f = self.f0 + self.jv((self.w - self.theta)[:, None])[..., 0]
+            terms = Terms(self.lik, f, self.y)
+            dw0 = self.w - self.mu0
+            g = self.jtu(terms.g[..., None])[:, 0] + lam * dw0
+            gn = float(g.norm())
+            obj = terms.value + 0.5 * lam * float(dw0 @ dw0)
+            _notify(self, it, obj, gn)
+            info.history.append((obj, gn))
+            info.n_iter, info.grad_norm, info.objective = it, gn, obj
+            if gn <= tol:
+                info.converged = True
+                break
+            if it == max_iter:
+                break
+            if self.dense:
+                d = -torch.cholesky_solve(g[:, None], self._precision_chol(terms.L, lam))[:, 0]
+            else:
+
+                def mv(V, L=terms.L):
+                    return self._ggn_mv(L, V) + lam * V
+
+                # inexact Newton (Eisenstat-Walker forcing): relative residual min(½, √‖g‖),
+                # superlinear convergence with few CG steps while far from the optimum
+                eta = max(min(0.5, math.sqrt(gn)), self.cg_tol)
+                with warnings.catch_warnings():  # an inexact step is fine: the line search follows
+                    warnings.simplefilter("ignore", NumericalWarning)
+                    iters = min(2 * self.p, 1000)
+                    d = -linear_cg(mv, g[:, None], tolerance=eta, max_iter=iters, max_tridiag_iter=1)[:, 0]
+            if float(d.norm()) <= 1e-15 * float(self.w.norm()):  # the step is below w's rounding
+                break
+            df = self.jv(d[:, None])[..., 0]
+            a2, ad, dd = float(dw0 @ dw0), float(dw0 @ d), float(d @ d)
+
+            def prior(t, a2=a2, ad=ad, dd=dd):
+                return 0.5 * lam * (a2 + 2 * t * ad + t * t * dd)
+
+            t, _, ok = line_search(self.lik, self.y, f, df, prior, float(g @ d), obj)
+            if not ok:
+                break
+            self.w = self.w + t * d
+        self._posterior()
+        return info
+
+    def _posterior(self) -> None:
+        lam = self.lam
+        self.f_star = self.f0 + self.jv((self.w - self.theta)[:, None])[..., 0]
+        self.terms = Terms(self.lik, self.f_star, self.y)
+        if self.dense:
+            self.R = self._precision_chol(self.terms.L, lam)
+        else:
+            self.s, self.U = lanczos_root(_GGNOperator(self, self.terms.L), self.rank)
+            self.s = self.s.clamp_min(0)
+
+    def weight_sqnorm(self) -> float:
+        d = self.w - self.mu0
+        return float(d @ d)
+
+    def log_det_term(self) -> float:
+        """½ log det(I + G/λ): from chol(P) (dense) or the Lanczos eigenvalues (low rank)."""
+        if self.dense:
+            return float(torch.log(self.R.diagonal()).sum()) - 0.5 * self.p * math.log(self.lam)
+        return 0.5 * float(torch.log1p(self.s / self.lam).sum())
+
+    def effective_params(self) -> float:
+        """γ = tr(G (G + λI)⁻¹) = p − λ tr(P⁻¹) (dense), Σ s/(s + λ) (low rank)."""
+        if self.dense:
+            Rinv = _lower_solve(self.R, _eye(self.p, self.R))
+            return float(self.p - self.lam * Rinv.square().sum())
+        return float((self.s / (self.s + self.lam)).sum())
+
+    def log_evidence(self) -> float:
+        return -(self.terms.value + 0.5 * self.lam * self.weight_sqnorm()) - self.log_det_term()
+
+    def _cov_mv(self, v: Tensor) -> Tensor:
+        """P⁻¹ v (v (p,)): Cholesky solve, or the low-rank form with the prior elsewhere."""
+        if self.dense:
+            return torch.cholesky_solve(v[:, None], self.R)[:, 0]
+        Uv = self.U.T @ v
+        return self.U @ (Uv / (self.s + self.lam)) + (v - self.U @ Uv) / self.lam
+
+    def evidence_slope(self) -> float:
+        """d log Z / d log λ: exact when dense, with the low-rank covariance otherwise."""
+        lam = self.lam
+        dH = _hessian_derivative(self, -self.jv(self._cov_mv(self.w - self.mu0)[:, None])[..., 0])
+        if self.dense:
+            V = _lower_solve(self.R, self.J.reshape(-1, self.p).T).reshape(self.p, self.n, self.k)
+            T = float(torch.einsum("pnk,nkl,pnl->", V, dH, V))  # Σ_i tr(J_i P⁻¹ J_iᵀ dH_i)
+        else:
+            JU = self.jv(self.U)
+            D = 1.0 / (self.s + lam) - 1.0 / lam
+            S = kernel_diag_blocks(self.lin, self.x) / lam + torch.einsum("nkr,r,nlr->nkl", JU, D, JU)
+            T = float(torch.einsum("nkl,nlk->", S, dH))
+        return 0.5 * (self.effective_params() - lam * self.weight_sqnorm() - lam * T)
+
+    def predict(self, x: Tensor, covariance: bool = True, chunk: int = 256) -> tuple[Tensor, Tensor | None]:
+        """Mean (c, k) and covariance J* Σ J*ᵀ (c, k, k) of the linearized logits at checked x."""
+        lin, k = self.lin, self.k
+        means, covs = [], []
+        dw = (self.w - self.theta)[:, None]
+        for s in lin._chunks(x.shape[0], chunk):
+            xs = x[s]
+            c = xs.shape[0]
+            if self.dense:
+                Js = lin.jacobian_mat(xs).to(F64)  # (c, k, p)
+                means.append(lin.forward(xs).to(F64) + torch.einsum("ckp,p->ck", Js, dw[:, 0]))
+                if covariance:
+                    V = _lower_solve(self.R, Js.reshape(c * k, self.p).T).reshape(self.p, c, k)
+                    covs.append(torch.einsum("pck,pcl->ckl", V, V))
+            else:
+                means.append(lin.forward(xs).to(F64) + self.jv(dw, xs)[..., 0])
+                if covariance:
+                    JU = self.jv(self.U, xs)  # (c, k, r)
+                    D = 1.0 / (self.s + self.lam) - 1.0 / self.lam
+                    covs.append(
+                        kernel_diag_blocks(lin, xs) / self.lam + torch.einsum("ckr,r,clr->ckl", JU, D, JU)
+                    )
+        return torch.cat(means), (torch.cat(covs) if covariance else None)
+
+    def weights(self) -> Tensor:
+        return self.w.clone()
+
+    # --- the subspace for VI: top-r right singular vectors U of J(X)
+    def subspace(self, r: int) -> tuple[Tensor, Tensor]:
+        """(Φ_X = J(X) U (n, k, r'), u* = Uᵀ(w* − μ₀) (r',))."""
+        if self.dense:
+            _, S, Vh = torch.linalg.svd(self.J.reshape(-1, self.p), full_matrices=False)
+            keep = S[:r] > 1e-7 * S[0]
+            U = Vh[:r][keep].T
+        else:
+            jtj = _GGNOperator(self, None)
+            e, U = lanczos_root(jtj, min(r, self.p))
+            U = U[:, e > 1e-14 * e[0]]
+        self._U = U
+        return self.jv(U), U.T @ (self.w - self.mu0)
+
+    def subspace_test(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(m₀(x) (c, k), Φ(x) = J(x) U (c, k, r), K(x_i, x_i) (c, k, k))."""
+        m0 = prior_mean_function(self.lin, x, self.mu0_arg)
+        if self.dense:
+            Js = self.lin.jacobian_mat(x).to(F64)
+            return m0, Js @ self._U, Js @ Js.mT
+        return m0, self.jv(self._U, x), kernel_diag_blocks(self.lin, x)
+
+    def subspace_weights(self, u: Tensor) -> Tensor:
+        return self.mu0 + self._U @ u
+
+
+class _GGNOperator:
+    """Jᵀ L Lᵀ J (or Jᵀ J when L is None) at the training points, as the (p × p) matrix-free
+    operator :func:`~fntk.curvature.lanczos_root` needs (shape, dtype, device, ``@``). H is taken
+    at the *linearized* logits f_lin(x; w), which :class:`~fntk.GGNOperator` (H at f(x; θ̂)) does
+    not offer; so it is composed here from the Jacobian products and the likelihood's factors."""
+
+    def __init__(self, ws: WeightSpace, L: Tensor | None):
+        self.ws, self.L = ws, L
+        self.shape, self.dtype, self.device = (ws.p, ws.p), F64, ws.theta.device
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        if self.L is None:
+            return self.ws.jtu(self.ws.jv(V))
+        return self.ws._ggn_mv(self.L, V)
