@@ -31,166 +31,14 @@ versions, which skip validation).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import hessian, vmap
 
-
-class Likelihood:
-    """Base class. Subclasses implement the ``_``-prefixed pure methods on validated tensors."""
-
-    #: Human-readable name used in error messages.
-    name: str = "likelihood"
-    #: Whether the output Hessian depends on the target (then ``y`` is required).
-    hessian_needs_target: bool = False
-    #: Whether :meth:`kl` is available (finite-difference and autograd products need it).
-    has_kl: bool = True
-
-    # ------------------------------------------------------------------ validation
-    def check_num_outputs(self, k: int) -> None:
-        """Raise ``ValueError`` if the likelihood cannot take k outputs per point."""
-
-    def check_outputs(self, f: Tensor, name: str = "f") -> Tensor:
-        """f: (n, k), or (n,) for one output → (n, k) floating point."""
-        if not isinstance(f, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
-        if not f.is_floating_point():
-            raise TypeError(f"{name} must be floating point (network outputs), got {f.dtype}")
-        if f.dim() == 1:
-            f = f[:, None]
-        if f.dim() != 2:
-            raise ValueError(f"{name} must have shape (n, k) (or (n,) for k = 1), got {tuple(f.shape)}")
-        self.check_num_outputs(f.shape[1])
-        return f
-
-    def check_target(self, y: Tensor | None, f: Tensor, name: str = "y") -> Tensor | None:
-        """Validate y against checked outputs f (n, k); ``None`` is allowed unless needed."""
-        if y is None:
-            if self.hessian_needs_target:
-                raise ValueError(
-                    f"{name} is required by the {self.name} likelihood (its Hessian depends on it)"
-                )
-            return None
-        if not isinstance(y, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-        if y.dim() == 0 or y.shape[0] != f.shape[0]:
-            raise ValueError(
-                f"{name} must have one target per point (leading {f.shape[0]}), got shape {tuple(y.shape)}"
-            )
-        return self._check_target(y.to(f.device), f, name)
-
-    def _check_target(self, y: Tensor, f: Tensor, name: str) -> Tensor:
-        """Per-likelihood target check (y already has n rows and lives on f's device)."""
-        return _float_target(y, f, name, self.name)
-
-    def _check_u(self, U: Tensor, f: Tensor, name: str = "U") -> tuple[Tensor, bool]:
-        n, k = f.shape
-        if not isinstance(U, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(U).__name__}")
-        if U.dim() in (2, 3) and tuple(U.shape[:2]) == (n, k):
-            U = U.to(device=f.device, dtype=f.dtype)
-            return (U[..., None], True) if U.dim() == 2 else (U, False)
-        raise ValueError(f"{name} must have shape ({n}, {k}) or ({n}, {k}, r), got {tuple(U.shape)}")
-
-    # ------------------------------------------------------------------ public API
-    def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        """−log p(y_i | f_i) per example: f (n, k), y (n, ...) → (n,)."""
-        f = self.check_outputs(f)
-        if y is None:
-            raise ValueError(f"y is required to evaluate the {self.name} negative log-likelihood")
-        return self._nll(f, self.check_target(y, f))
-
-    def hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
-        """Dense output-space Hessians H_i: (n, k, k)."""
-        f = self.check_outputs(f)
-        return self._hessian(f, self.check_target(y, f))
-
-    def hessian_matmul(self, f: Tensor, U: Tensor, y: Tensor | None = None) -> Tensor:
-        """H_i U_i per point: U (n, k, r) → (n, k, r), or (n, k) → (n, k)."""
-        f = self.check_outputs(f)
-        y = self.check_target(y, f)
-        U, single = self._check_u(U, f)
-        out = self._hvp(f, U, y)
-        return out[..., 0] if single else out
-
-    def hessian_factors(self, f: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(Q (n, k, m), λ (n, m)) with H_i = Q_i diag(λ_i) Q_iᵀ (used for exact diagonals)."""
-        f = self.check_outputs(f)
-        return self._factors(f, self.check_target(y, f))
-
-    def inverse_link(self, f: Tensor) -> Tensor:
-        """The mean of p(y | f): (n, k) → (n, k) (see each class for its meaning)."""
-        return self._inverse_link(self.check_outputs(f))
-
-    def kl(self, f_ref: Tensor, f: Tensor) -> Tensor:
-        """KL(p(·|f_ref_i) ‖ p(·|f_i)) per example: (n, k), (n, k) → (n,)."""
-        f_ref, f = self.check_outputs(f_ref, "f_ref"), self.check_outputs(f)
-        if f_ref.shape != f.shape:
-            raise ValueError(
-                f"f_ref and f must have the same shape, got {tuple(f_ref.shape)} and {tuple(f.shape)}"
-            )
-        if not self.has_kl:
-            raise NotImplementedError(
-                f"the {self.name} likelihood has no KL divergence (pass kl= to define one)"
-            )
-        return self._kl(f_ref, f)
-
-    # ------------------------------------------------------------------ pure parts
-    def _nll(self, f: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _hvp(self, f: Tensor, U: Tensor, y: Tensor | None) -> Tensor:
-        """H U for U (n, k, r) → (n, k, r); default from the dense Hessian."""
-        return torch.einsum("nkl,nlr->nkr", self._hessian(f, y), U)
-
-    def _hessian(self, f: Tensor, y: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def _factors(self, f: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        lam, Q = torch.linalg.eigh(self._hessian(f, y))
-        return Q, lam
-
-    def _hessian_operator(self, f: Tensor, y: Tensor | None) -> Callable[[Tensor, slice], Tensor]:
-        """(U (m, k, r), s) ↦ H[s] U for the points s of fixed (f, y); may precompute (a dense H)."""
-        return lambda U, s: self._hvp(f[s], U, None if y is None else y[s])
-
-    def _inverse_link(self, f: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _kl(self, f_ref: Tensor, f: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-def _float_target(y: Tensor, f: Tensor, name: str, lik: str) -> Tensor:
-    """Real-valued targets with the same (n, k) layout as f ((n,) allowed when k = 1)."""
-    if not (
-        y.is_floating_point() or y.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-    ):
-        raise TypeError(f"{name} must be a real tensor for the {lik} likelihood, got {y.dtype}")
-    y = y.to(f.dtype)
-    n, k = f.shape
-    if y.dim() == 1 and k == 1:
-        y = y[:, None]
-    if tuple(y.shape) != (n, k):
-        raise ValueError(
-            f"{name} must have shape ({n}, {k})" + (f" or ({n},)" if k == 1 else "") + f" for the {lik} "
-            f"likelihood with n={n} points and k={k} outputs, got {tuple(y.shape)}"
-        )
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return y
-
-
-def _diag_factors(d: Tensor) -> tuple[Tensor, Tensor]:
-    """A diagonal Hessian diag(d) (n, k) as factors (I, d)."""
-    n, k = d.shape
-    return torch.eye(k, dtype=d.dtype, device=d.device).expand(n, k, k), d
+# The base class and GenericLikelihood live in private modules (file size); re-exported here.
+from fntk._generic_likelihood import GenericLikelihood
+from fntk._likelihood_base import Likelihood, _diag_factors, _DiagonalHessian, _float_target
 
 
 class Gaussian(Likelihood):
@@ -243,7 +91,7 @@ class Gaussian(Likelihood):
 _LINKS = ("softplus", "exp")
 
 
-class HeteroscedasticGaussian(Likelihood):
+class HeteroscedasticGaussian(_DiagonalHessian):
     r"""y ~ N(m, v) with k = 2d outputs f = (m (d), ρ (d)) and variance v = link(ρ) + min_variance.
 
     nll = Σ_j ½ log 2π v_j + (y_j − m_j)² / (2 v_j). H is the Fisher information in (m, ρ):
@@ -304,15 +152,6 @@ class HeteroscedasticGaussian(Likelihood):
     def _nll(self, f, y):
         m, v, _ = self._split(f)
         return 0.5 * (torch.log(2 * math.pi * v) + (y - m) ** 2 / v).sum(-1)
-
-    def _hvp(self, f, U, y):
-        return U * self._diag(f)[..., None]
-
-    def _hessian(self, f, y):
-        return torch.diag_embed(self._diag(f))
-
-    def _factors(self, f, y):
-        return _diag_factors(self._diag(f))
 
     def _inverse_link(self, f):
         m, v, _ = self._split(f)
@@ -385,7 +224,23 @@ class Categorical(Likelihood):
         return (lp0.exp() * (lp0 - torch.log_softmax(f, dim=-1))).sum(-1)
 
 
-class Bernoulli(Likelihood):
+class _Elementwise(_DiagonalHessian):
+    """Independent outputs, y_ij ~ p(· | f_ij), with diagonal H: targets are real, laid out like f
+    ((n, k), or (n,) when k = 1), and must lie in [0, ``_high``] (no upper bound when ``None``).
+    """
+
+    _high: float | None = None
+    #: What the targets must do, for the error message ("{name} must {_range} for the ...").
+    _range: str = ""
+
+    def _check_target(self, y, f, name):
+        y = _float_target(y, f, name, self.name)
+        if bool((y < 0).any()) or (self._high is not None and bool((y > self._high).any())):
+            raise ValueError(f"{name} must {self._range} for the {self.name} likelihood")
+        return y
+
+
+class Bernoulli(_Elementwise):
     r"""y ∈ {0, 1} ~ Bernoulli(σ(f)), elementwise over the k outputs (k = 1: one logit per point).
 
     nll = Σ softplus(f) − y f, H = diag(σ(f)(1 − σ(f))). Targets (n, k) (or (n,) when k = 1) in
@@ -393,12 +248,7 @@ class Bernoulli(Likelihood):
     """
 
     name = "Bernoulli"
-
-    def _check_target(self, y, f, name):
-        y = _float_target(y, f, name, self.name)
-        if bool((y < 0).any()) or bool((y > 1).any()):
-            raise ValueError(f"{name} must lie in [0, 1] for the Bernoulli likelihood")
-        return y
+    _high, _range = 1.0, "lie in [0, 1]"
 
     def _diag(self, f):
         s = torch.sigmoid(f)
@@ -406,15 +256,6 @@ class Bernoulli(Likelihood):
 
     def _nll(self, f, y):
         return (F.softplus(f) - y * f).sum(-1)
-
-    def _hvp(self, f, U, y):
-        return U * self._diag(f)[..., None]
-
-    def _hessian(self, f, y):
-        return torch.diag_embed(self._diag(f))
-
-    def _factors(self, f, y):
-        return _diag_factors(self._diag(f))
 
     def _inverse_link(self, f):
         return torch.sigmoid(f)
@@ -427,7 +268,7 @@ class Bernoulli(Likelihood):
         ).sum(-1)
 
 
-class Poisson(Likelihood):
+class Poisson(_Elementwise):
     r"""y ∈ ℕ ~ Poisson(exp(f)), elementwise over the k outputs (log link, canonical).
 
     nll = Σ exp(f) − y f + log y!, H = diag(exp(f)). Targets (n, k) (or (n,) when k = 1), ≥ 0.
@@ -435,24 +276,13 @@ class Poisson(Likelihood):
     """
 
     name = "Poisson"
+    _range = "be non-negative counts"
 
-    def _check_target(self, y, f, name):
-        y = _float_target(y, f, name, self.name)
-        if bool((y < 0).any()):
-            raise ValueError(f"{name} must be non-negative counts for the Poisson likelihood")
-        return y
+    def _diag(self, f):
+        return torch.exp(f)
 
     def _nll(self, f, y):
         return (torch.exp(f) - y * f + torch.lgamma(y + 1)).sum(-1)
-
-    def _hvp(self, f, U, y):
-        return U * torch.exp(f)[..., None]
-
-    def _hessian(self, f, y):
-        return torch.diag_embed(torch.exp(f))
-
-    def _factors(self, f, y):
-        return _diag_factors(torch.exp(f))
 
     def _inverse_link(self, f):
         return torch.exp(f)
@@ -460,76 +290,6 @@ class Poisson(Likelihood):
     def _kl(self, f_ref, f):
         lam0 = torch.exp(f_ref)
         return (lam0 * (f_ref - f) - lam0 + torch.exp(f)).sum(-1)
-
-
-class GenericLikelihood(Likelihood):
-    r"""A likelihood from any per-example NLL ``nll(f_i (k,), y_i) -> scalar``.
-
-    H_i = ∇²_f nll(f_i, y_i) by ``torch.func.hessian`` (forward-over-reverse), vmapped over the
-    n points; so ``nll`` must be a pure torch function that works under ``torch.func`` (no
-    ``.item()``, no in-place updates of its arguments). H may be indefinite away from a minimum.
-    The target is required; y (n, ...) is split along its first axis.
-
-    Args:
-        nll: per-example negative log-likelihood.
-        num_outputs: the required k, or ``None`` for any.
-        inverse_link: map (n, k) → (n, ·) for the predictive mean (default identity).
-        kl: optional per-example ``kl(f_ref_i, f_i) -> scalar``; enables the finite-difference
-            and autograd products.
-        name: used in error messages.
-    """
-
-    hessian_needs_target = True
-
-    def __init__(
-        self,
-        nll: Callable[[Tensor, Tensor], Tensor],
-        num_outputs: int | None = None,
-        inverse_link: Callable[[Tensor], Tensor] | None = None,
-        kl: Callable[[Tensor, Tensor], Tensor] | None = None,
-        name: str = "generic",
-    ):
-        if not callable(nll):
-            raise TypeError(f"nll must be callable (f_i, y_i) -> scalar, got {type(nll).__name__}")
-        if num_outputs is not None and not (isinstance(num_outputs, int) and num_outputs > 0):
-            raise ValueError(f"num_outputs must be a positive int or None, got {num_outputs!r}")
-        self._nll_fn, self._link, self._kl_fn = nll, inverse_link, kl
-        self.num_outputs, self.name = num_outputs, name
-        self.has_kl = kl is not None
-        self._vnll = vmap(nll)
-        self._vhess = vmap(hessian(nll))
-        self._vkl = vmap(kl) if kl is not None else None
-
-    def check_num_outputs(self, k: int) -> None:
-        if self.num_outputs is not None and k != self.num_outputs:
-            raise ValueError(f"the {self.name} likelihood expects k={self.num_outputs} outputs, got k={k}")
-
-    def _check_target(self, y, f, name):
-        return y.to(f.dtype) if y.is_floating_point() else y
-
-    def _nll(self, f, y):
-        out = self._vnll(f, y)
-        if out.shape != (f.shape[0],):
-            raise ValueError(
-                f"the {self.name} nll must return a scalar per example, got shape {tuple(out.shape[1:])}"
-            )
-        return out
-
-    def _hessian(self, f, y):
-        return self._vhess(f, y)
-
-    def _hessian_operator(self, f, y):
-        H = self._vhess(f, y)  # (n, k, k), computed once per operator
-        return lambda U, s: torch.einsum("nkl,nlr->nkr", H[s], U)
-
-    def _inverse_link(self, f):
-        return f if self._link is None else self._link(f)
-
-    def _kl(self, f_ref, f):
-        return self._vkl(f_ref, f)
-
-    def __repr__(self):
-        return f"GenericLikelihood(name={self.name!r}, num_outputs={self.num_outputs})"
 
 
 __all__ = [
