@@ -18,16 +18,14 @@ of the user's model stay exactly as they were, whatever happens inside a call.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
-from typing import Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from fntk import distributed
-
-ParamSelection = Union[None, Iterable[str], Callable[[str, Tensor], bool]]  # noqa: UP007 (runtime alias)
+from fntk._param_selection import ParamSelection, _select
 
 #: Default working-memory budget (bytes) of one batched product or Jacobian chunk. Override per
 #: object (``Linearized(..., memory_budget=...)``) or globally with :func:`set_memory_budget`.
@@ -46,32 +44,6 @@ def set_memory_budget(nbytes: int) -> None:
 def get_memory_budget() -> int:
     """The module-wide default working-memory budget in bytes."""
     return _memory_budget
-
-
-def _select(model: nn.Module, params: ParamSelection) -> list[str]:
-    """Names of the selected parameters, in ``named_parameters()`` order (tied ones once)."""
-    named = list(model.named_parameters())
-    all_names = [n for n, _ in named]
-    if params is None:
-        names = [n for n, p in named if p.requires_grad]
-    elif callable(params):
-        names = [n for n, p in named if params(n, p)]
-    else:
-        if isinstance(params, str):
-            raise TypeError(f"params must be an iterable of names, not a single string; got {params!r}")
-        wanted = list(params)
-        unknown = [n for n in wanted if n not in all_names]
-        if unknown:
-            raise ValueError(
-                f"params: unknown parameter name(s) {unknown}; the model's parameters are {all_names}"
-            )
-        wanted_set = set(wanted)
-        names = [n for n in all_names if n in wanted_set]
-    if not names:
-        raise ValueError(
-            f"params: the selection is empty; choose at least one of the model's parameters {all_names}"
-        )
-    return names
 
 
 def _uses_embedding(model: nn.Module) -> bool:
