@@ -44,13 +44,13 @@ from torch.func import grad, jvp, vjp, vmap
 from fntk._ggn_diagonal import ggn_dense, ggn_diagonal
 from fntk.likelihoods import Likelihood
 from fntk.linearize import Linearized
-from fntk.operators import _as_columns, _from_columns
+from fntk.operators import _as_columns, _from_columns, _SymmetricWeightOperator
 
 METHODS = ("exact", "finite_difference", "autograd")
 REDUCTIONS = ("sum", "mean")
 
 
-class GGNOperator(LinearOperator):
+class GGNOperator(_SymmetricWeightOperator):
     r"""G = s Σ_i J_iᵀ H_i J_i as a (p × p) matrix-free, symmetric PSD ``LinearOperator``.
 
     Args:
@@ -119,20 +119,6 @@ class GGNOperator(LinearOperator):
         self._hop = None  # the likelihood's H operator, built on first use
 
     # ------------------------------------------------------------------ LinearOperator plumbing
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lin.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.lin.device
-
-    def _size(self) -> torch.Size:
-        return torch.Size((self.lin.num_params, self.lin.num_params))
-
-    def _transpose_nonbatch(self) -> GGNOperator:
-        return self
-
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, shape, vec = _as_columns(rhs.to(self.dtype))
         out = getattr(self, "_" + self.method)(cols)

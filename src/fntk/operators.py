@@ -54,7 +54,29 @@ def _check_output(lin: Linearized, output: int | str) -> int | str:
     return output % k
 
 
-class JacobianOperator(LinearOperator):
+class _LinOperator(LinearOperator):
+    """Base of the operators built on a :class:`~fntk.Linearized` ``self.lin``: its dtype and device."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lin.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lin.device
+
+
+class _SymmetricWeightOperator(_LinOperator):
+    """A symmetric (p × p) operator on the p selected parameters of ``self.lin`` (its own transpose)."""
+
+    def _size(self) -> torch.Size:
+        return torch.Size((self.lin.num_params, self.lin.num_params))
+
+    def _transpose_nonbatch(self) -> _SymmetricWeightOperator:
+        return self
+
+
+class JacobianOperator(_LinOperator):
     """J(x) as an (n·k × p) operator; ``transposed=True`` gives Jᵀ (p × n·k).
 
     Args:
@@ -70,14 +92,6 @@ class JacobianOperator(LinearOperator):
         super().__init__(lin=lin, x=x, transposed=transposed, _checked=True)
         self.lin, self.x, self.transposed = lin, x, transposed
         self._nk = x.shape[0] * lin.num_outputs
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lin.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.lin.device
 
     def _size(self) -> torch.Size:
         p = self.lin.num_params
@@ -105,7 +119,7 @@ class JacobianOperator(LinearOperator):
         return J.T if self.transposed else J
 
 
-class NTKOperator(LinearOperator):
+class NTKOperator(_LinOperator):
     r"""The empirical NTK K(x1, x2) = J(x1) J(x2)ᵀ as a matrix-free operator.
 
     Shapes: (n1·k × n2·k) with ``outputs="full"`` (row i·k + c = output c of point i), or
@@ -181,14 +195,6 @@ class NTKOperator(LinearOperator):
     @property
     def symmetric(self) -> bool:
         return self.x1 is self.x2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lin.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.lin.device
 
     def _size(self) -> torch.Size:
         return torch.Size((self.x1.shape[0] * self._k, self.x2.shape[0] * self._k))

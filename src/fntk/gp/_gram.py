@@ -21,7 +21,7 @@ from fntk.curvature import GGNOperator
 from fntk.likelihoods import Gaussian
 from fntk.linearize import Linearized
 from fntk.ntk import NTKMemoryError, choose_method, ntk
-from fntk.operators import _as_columns, _from_columns
+from fntk.operators import _as_columns, _from_columns, _SymmetricWeightOperator
 
 
 def dense_kernel(
@@ -96,7 +96,7 @@ def dense_weight_gram(
     return A.double(), B.double()
 
 
-class _JtJOperator(LinearOperator):
+class _JtJOperator(_SymmetricWeightOperator):
     """A = J_c(X)ᵀ J_c(X) (p × p) by products A V = Jᵀ(J V): one batched jvp and one batched vjp.
 
     Hand-written (not GGNOperator) because it selects one output c of a k-output network; it is
@@ -106,20 +106,6 @@ class _JtJOperator(LinearOperator):
     def __init__(self, lin: Linearized, x: Tensor, output: int):
         super().__init__(lin=lin, x=x, output=output)
         self.lin, self.x, self.output = lin, x, output
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lin.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.lin.device
-
-    def _size(self) -> torch.Size:
-        return torch.Size((self.lin.num_params, self.lin.num_params))
-
-    def _transpose_nonbatch(self) -> _JtJOperator:
-        return self
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, shape, vec = _as_columns(rhs.to(self.dtype))
