@@ -9,8 +9,11 @@ labels without fine-tuning. With n training points, k outputs, p selected parame
 The model is linear in w, so the negative log posterior is convex and everything below is exact
 up to the stated approximation of each method:
 
-- ``"map"``: w* = argmin Σ_i nll(f_lin(x_i; w), y_i) + (λ/2)‖w − μ₀‖², by damped Newton (exact
-  Hessian Jᵀ H J + λI, Armijo line search) to ‖∇_w Ψ‖ ≤ ``tol``; predictive softmax(f_lin(x; w*)).
+- ``"map"``: w* = argmin Σ_i nll(f_lin(x_i; w), y_i) + (λ/2)‖w − μ₀‖², to ‖∇_w Ψ‖ ≤ ``tol``, by
+  damped Newton (``solver="newton"``: exact Hessian Jᵀ H J + λI, Armijo line search; quadratic
+  convergence) or by L-BFGS over J·v and Jᵀ·u products with the gradient accumulated over
+  mini-batches of ``batch_size`` points (``solver="lbfgs"``: first order, memory bounded by the
+  batch); predictive softmax(f_lin(x; w*)).
 - ``"laplace"``: q(w) = N(w*, (Jᵀ H(f*) J + λI)⁻¹), H at the linearized logits f* = f_lin(X; w*);
   the predictive logits at x are Gaussian, N(f_lin(x; w*), J(x) Σ J(x)ᵀ), pushed through the
   softmax by the probit approximation softmax(μ_c / √(1 + π/8 Σ_cc)) or by Monte Carlo.
@@ -42,6 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from fntk import vi as _vi
+from fntk import vi_meanfield as _mf
+from fntk.glm_predictive import glm_predictive
 from fntk.laplace import (
     F64,
     FitInfo,
@@ -58,7 +63,9 @@ INFERENCES = ("map", "laplace", "vi")
 LINK_APPROXES = ("auto", "probit", "mc")
 PRIOR_MEANS = ("theta", "zero")
 SPACES = ("auto", "function", "weight")
+SOLVERS = ("newton", "lbfgs")
 COVARIANCES = ("auto", "dense", "lowrank")
+VI_FAMILIES = ("subspace", "meanfield")
 
 #: weight space stays dense (explicit J, (p × p) Cholesky) up to this many parameters
 DENSE_MAX_PARAMS = 6000
@@ -99,9 +106,16 @@ class LinearizedClassifier:
         num_samples: Monte Carlo samples of the predictive (``link_approx="mc"``).
         vi_rank, vi_samples, vi_max_iter: VI subspace dimension r, fixed function-space samples
             per training point, L-BFGS iterations.
-        vi_init: ``"laplace"`` (start q at the Laplace approximation in the subspace) or ``"prior"``.
+        vi_init: ``"laplace"`` (start q at the Laplace approximation: in the subspace, or the
+            diagonal Laplace at the MAP for mean-field) or ``"prior"``.
+        vi_family: ``"subspace"`` (full-covariance q on the rank-``vi_rank`` subspace, the prior
+            elsewhere) or ``"meanfield"`` (diagonal q(w) = N(m, diag(s²)) on all p weights;
+            :mod:`fntk.vi_meanfield`).
+        solver: the MAP solver, ``"newton"`` (default) or ``"lbfgs"`` (weight space only).
+        batch_size: points per mini-batch of the L-BFGS objective and gradient (``None``: as many
+            as the memory budget allows per product).
         tol: MAP convergence, ‖∇_w Ψ‖ ≤ tol (absolute; reachable in float64 internal algebra).
-        max_iter: Newton iterations per MAP solve.
+        max_iter: Newton steps (default 100) or L-BFGS iterations (default 2000) per MAP solve.
         seed: seeds the Monte Carlo draws (predictive and VI).
         memory_budget: bytes per batched product (passed to :class:`~fntk.Linearized`).
 
@@ -127,8 +141,11 @@ class LinearizedClassifier:
         vi_samples: int = 64,
         vi_max_iter: int = 300,
         vi_init: str = "laplace",
+        vi_family: str = "subspace",
+        solver: str = "newton",
+        batch_size: int | None = None,
         tol: float = 1e-6,
-        max_iter: int = 100,
+        max_iter: int | None = None,
         seed: int = 0,
         memory_budget: int | None = None,
     ):
@@ -151,11 +168,21 @@ class LinearizedClassifier:
         self.space = _choice("space", space, SPACES)
         self.covariance = _choice("covariance", covariance, COVARIANCES)
         self.vi_init = _choice("vi_init", vi_init, ("laplace", "prior"))
+        self.vi_family = _choice("vi_family", vi_family, VI_FAMILIES)
         self.rank = _positive_int("rank", rank)
         self.num_samples = _positive_int("num_samples", num_samples)
         self.vi_rank = _positive_int("vi_rank", vi_rank)
         self.vi_samples = _positive_int("vi_samples", vi_samples)
         self.vi_max_iter = _positive_int("vi_max_iter", vi_max_iter)
+        self.solver = _choice("solver", solver, SOLVERS)
+        if self.solver == "lbfgs" and self.space == "function":
+            raise ValueError(
+                "solver='lbfgs' optimises the weights w (weight space); use space='weight' or 'auto' "
+                "with it, or solver='newton' for space='function'"
+            )
+        self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
+        if max_iter is None:
+            max_iter = 100 if self.solver == "newton" else 2000
         self.max_iter = _positive_int("max_iter", max_iter)
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive float, got {tol!r}")
@@ -208,7 +235,7 @@ class LinearizedClassifier:
         fits_K = 4 * nk * nk * 8 <= 4 * budget
         space = self.space
         if space == "auto":
-            space = "function" if (nk <= p and fits_K) else "weight"
+            space = "function" if (nk <= p and fits_K and self.solver == "newton") else "weight"
         if self.covariance == "auto":
             dense = p <= DENSE_MAX_PARAMS and nk * p * 8 <= budget
         else:
@@ -221,9 +248,11 @@ class LinearizedClassifier:
         """Fit on inputs x (n, *features) and int labels y (n,) in [0, C); returns self.
 
         C = k classes for k ≥ 2 logits (categorical likelihood), C = 2 for one logit (Bernoulli).
-        ``callback``, if given, is called once per Newton step of every MAP solve with a dict
-        ``{"step", "objective", "grad_norm"}``; it may raise (e.g. KeyboardInterrupt) to stop the
-        fit, which leaves the classifier unfitted and the model untouched.
+        ``callback``, if given, is called once per iteration of every MAP solve with a dict
+        ``{"stage": "map", "step", "objective", "grad_norm"}`` (objective Ψ(w), ‖∇_w Ψ‖) and, for
+        ``inference="vi"``, once per ELBO iteration with ``{"stage": "vi", "step", "objective",
+        "elbo"}`` (objective = −ELBO); it may raise (e.g. KeyboardInterrupt) to stop the fit, which
+        leaves the classifier unfitted and the model untouched.
         """
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
@@ -241,7 +270,17 @@ class LinearizedClassifier:
         if space == "function":
             backend: FunctionSpace | WeightSpace = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
         else:
-            backend = WeightSpace(self.lin, x, self._y, self.likelihood_, mu0, dense=dense, rank=self.rank)
+            backend = WeightSpace(
+                self.lin,
+                x,
+                self._y,
+                self.likelihood_,
+                mu0,
+                dense=dense,
+                rank=self.rank,
+                solver=self.solver,
+                batch_size=self.batch_size,
+            )
         backend.callback = callback
         self.space_ = space if space == "function" else ("weight-dense" if dense else "weight-lowrank")
         if self.prior_precision == "marglik":
@@ -250,10 +289,11 @@ class LinearizedClassifier:
             lam, ml = float(self.prior_precision), MarglikInfo()
             info = backend.fit(lam, self.tol, self.max_iter)
         backend.callback = None  # not kept with the fitted state
-        self._backend = backend
+        self._backend = None  # fitted only once every stage has finished
         self._set_map_info(lam, info, ml)
         if self.inference == "vi":
-            self._fit_vi(x)
+            self._fit_vi(backend, x, callback)
+        self._backend = backend
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -264,42 +304,52 @@ class LinearizedClassifier:
         self.marglik_history_ = ml.history
         if not info.converged:
             warnings.warn(
-                f"MAP solve stopped after {info.n_iter} Newton steps with ‖∇Ψ‖ = {info.grad_norm:.3g} > "
+                f"MAP solve stopped after {info.n_iter} {self.solver} iterations with "
+                f"‖∇Ψ‖ = {info.grad_norm:.3g} > "
                 f"tol = {self.tol:g} (the objective no longer decreases at this precision)",
                 RuntimeWarning,
                 stacklevel=3,
             )
 
-    def _fit_vi(self, x: Tensor) -> None:
-        b, lam = self._backend, self.prior_precision_
-        Phi, u_map = b.subspace(self.vi_rank)
-        m0 = b.m0 if isinstance(b, FunctionSpace) else prior_mean_function(self.lin, x, b.mu0_arg)
-        self._vi_m0 = m0
-        mu_init = C_init = None
-        if self.vi_init == "laplace":
-            mu_init, C_init = _vi.laplace_init(self.likelihood_, self._y, m0, Phi, lam, u_map)
-        res = _vi.fit_vi(
-            self.likelihood_,
-            self._y,
-            m0,
-            Phi,
-            lam,
-            mu_init,
-            C_init,
-            num_samples=self.vi_samples,
-            max_iter=self.vi_max_iter,
-            seed=self.seed,
-        )
+    def _fit_vi(
+        self, b: FunctionSpace | WeightSpace, x: Tensor, callback: Callable[[dict], None] | None
+    ) -> None:
+        lam = self.prior_precision_
+        opts = {"num_samples": self.vi_samples, "max_iter": self.vi_max_iter, "seed": self.seed}
+        if self.vi_family == "meanfield":
+            mu0 = self.lin.theta.to(F64)
+            if self.prior_mean == "zero":
+                mu0 = torch.zeros_like(mu0)
+            if self.vi_init == "laplace":
+                m = b.weights()
+                s = _mf.diagonal_laplace_scale(self.lin, x, self._y, self.likelihood_, m, lam)
+            else:
+                m, s = mu0.clone(), torch.full_like(mu0, lam**-0.5)
+            res = _mf.fit_meanfield(
+                self.lin, x, self._y, self.likelihood_, mu0, lam, m, s, callback=callback, **opts
+            )
+            self.vi_rank_ = self.lin.num_params
+        else:
+            Phi, u_map = b.subspace(self.vi_rank)
+            m0 = b.m0 if isinstance(b, FunctionSpace) else prior_mean_function(self.lin, x, b.mu0_arg)
+            mu_init = C_init = None
+            if self.vi_init == "laplace":
+                mu_init, C_init = _vi.laplace_init(self.likelihood_, self._y, m0, Phi, lam, u_map)
+            res = _vi.fit_vi(
+                self.likelihood_, self._y, m0, Phi, lam, mu_init, C_init, callback=callback, **opts
+            )
+            self.vi_rank_ = int(Phi.shape[2])
         self._vi = res
         self.elbo_history_, self.elbo_ = res.elbo_history, res.elbo
-        self.vi_converged_, self.vi_rank_ = res.converged, int(Phi.shape[2])
+        self.vi_converged_ = res.converged
 
     # ------------------------------------------------------------------ results
     def weights(self) -> Tensor:
         """The posterior mean of w (p,): the MAP (map, laplace) or the variational mean (vi)."""
         b = self._require_fit()
         if self.inference == "vi":
-            return b.subspace_weights(self._vi.mean).to(self.lin.dtype)
+            w = self._vi.mean if self.vi_family == "meanfield" else b.subspace_weights(self._vi.mean)
+            return w.to(self.lin.dtype)
         return b.weights().to(self.lin.dtype)
 
     def log_marginal_likelihood(self) -> float:
@@ -311,7 +361,9 @@ class LinearizedClassifier:
         covariance (m, k, k) (``None`` for ``inference="map"``), in the model's dtype."""
         b = self._require_fit()
         x = self.lin.check_input(x)
-        if self.inference == "vi":
+        if self.inference == "vi" and self.vi_family == "meanfield":
+            mean, cov = _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale)
+        elif self.inference == "vi":
             m0s, Phis, Kss = b.subspace_test(x)
             mean, cov = _vi.predictive(m0s, Phis, Kss, self._vi.mean, self._vi.scale, self.prior_precision_)
         else:
@@ -323,22 +375,10 @@ class LinearizedClassifier:
         """Class probabilities (m, C) at x (m, *features): the GLM predictive E[softmax(f)] with
         f ~ N(mean, cov) by the probit approximation or Monte Carlo (the plug-in softmax for MAP)."""
         mean, cov = self.predict_f(x)
-        mean = mean.to(F64)
-        if cov is None:
-            return _probs(mean).to(self.lin.dtype)
-        cov = cov.to(F64)
         link = self.link_approx
         if link == "auto":
             link = "mc" if self.inference == "vi" else "probit"
-        if link == "probit":
-            var = cov.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-            return _probs(mean / torch.sqrt(1 + math.pi / 8 * var)).to(self.lin.dtype)
-        ev, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
-        A = Q * ev.clamp_min(0).sqrt()[..., None, :]  # cov = A Aᵀ
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        eps = torch.randn(self.num_samples, *mean.shape, generator=g, dtype=F64).to(mean.device)
-        f = mean + torch.einsum("mkl,sml->smk", A, eps)
-        return _probs(f).mean(0).to(self.lin.dtype)
+        return glm_predictive(mean, cov, link, self.num_samples, self.seed).to(self.lin.dtype)
 
     def predict(self, x: Tensor) -> Tensor:
         """The most probable class (m,) int64."""
@@ -357,14 +397,6 @@ class LinearizedClassifier:
             f"LinearizedClassifier(inference={self.inference!r}, p={self.lin.num_params}, "
             f"prior_precision={lam!r}, space={getattr(self, 'space_', self.space)!r})"
         )
-
-
-def _probs(f: Tensor) -> Tensor:
-    """softmax over k ≥ 2 logits, or (1 − σ, σ) for one logit: (..., C)."""
-    if f.shape[-1] == 1:
-        s = torch.sigmoid(f)
-        return torch.cat([1 - s, s], dim=-1)
-    return torch.softmax(f, dim=-1)
 
 
 __all__ = ["LinearizedClassifier", "NotFittedError", "INFERENCES"]

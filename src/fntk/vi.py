@@ -30,11 +30,13 @@ prior variance of the directions outside the subspace.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from fntk._numerics import safe_cholesky
 from fntk.likelihoods import Likelihood
 
 F64 = torch.float64
@@ -63,21 +65,84 @@ def kl_to_prior(mu: Tensor, C: Tensor, lam: float) -> Tensor:
     )
 
 
+def expected_loglik(lik: Likelihood, y: Tensor, mean: Tensor, Sig: Tensor, xi: Tensor) -> Tensor:
+    """Σ_i E_{f_i ~ N(mean_i, Σ_i)} log p(y_i | f_i) by the fixed draws f_is = mean_i + chol(Σ_i) ε_is:
+    mean (n, k), Σ (n, k, k), ε (n, S, k). Differentiable in mean and Σ."""
+    n, S, k = xi.shape
+    # Σ_i may be singular (rank < k); a relative jitter far below the sampling error keeps chol defined
+    jitter = 1e-9 * Sig.diagonal(dim1=-2, dim2=-1).mean(-1).detach() + 1e-12
+    Lc = torch.linalg.cholesky(Sig + jitter[:, None, None] * torch.eye(k, dtype=Sig.dtype, device=Sig.device))
+    f = mean[:, None, :] + torch.einsum("nkl,nsl->nsk", Lc, xi)  # (n, S, k)
+    return -lik._nll(f.reshape(n * S, -1), y.repeat_interleave(S, dim=0)).sum() / S
+
+
 def elbo(
     lik: Likelihood, y: Tensor, m0: Tensor, Phi: Tensor, mu: Tensor, C: Tensor, lam: float, xi: Tensor
 ) -> Tensor:
     """The sample-average ELBO: m0 (n, k), Φ (n, k, r), μ (r,), C (r, r), ε (n, S, k)."""
-    n, S = xi.shape[0], xi.shape[1]
-    mean = m0 + Phi @ mu  # (n, k)
     A = Phi @ C  # (n, k, r)
-    Sig = A @ A.mT
-    k = Sig.shape[-1]
-    jitter = 1e-9 * Sig.diagonal(dim1=-2, dim2=-1).mean(-1).detach() + 1e-12
-    Lc = torch.linalg.cholesky(Sig + jitter[:, None, None] * torch.eye(k, dtype=Sig.dtype, device=Sig.device))
-    f = mean[:, None, :] + torch.einsum("nkl,nsl->nsk", Lc, xi)  # (n, S, k)
-    ys = y.repeat_interleave(S, dim=0)
-    ell = -lik._nll(f.reshape(n * S, -1), ys).sum() / S
-    return ell - kl_to_prior(mu, C, lam)
+    return expected_loglik(lik, y, m0 + Phi @ mu, A @ A.mT, xi) - kl_to_prior(mu, C, lam)
+
+
+def antithetic_normals(n: int, num_samples: int, k: int, seed: int, device: torch.device) -> Tensor:
+    """Fixed standard normals ε (n, S, k) in ± pairs (antithetic: the odd moments cancel)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    half = torch.randn(n, (num_samples + 1) // 2, k, generator=g, dtype=F64)
+    return torch.cat([half, -half], dim=1)[:, :num_samples].to(device)
+
+
+def run_lbfgs(
+    params: list[Tensor],
+    evaluate: Callable[[bool], Tensor],
+    max_iter: int,
+    tol: float,
+    callback: Callable[[dict], None] | None = None,
+) -> tuple[list[float], bool]:
+    """Minimise a deterministic objective by L-BFGS (strong Wolfe), one iteration per step; stop
+    when it changes by less than tol·(1 + |value|). ``evaluate(need_grad)`` returns the objective
+    (a 0-d tensor); with ``need_grad`` it also accumulates its gradient into the params' ``.grad``
+    (so it may backpropagate chunk by chunk). Returns (−objective per iteration, converged);
+    ``callback`` gets ``{"stage": "vi", "step", "objective", "elbo"}`` after every iteration."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=1,
+        max_eval=40,  # line-search evaluations per step (the default max_iter·5/4 would allow none)
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
+
+    def closure():
+        opt.zero_grad()
+        return evaluate(True)
+
+    history = [-float(evaluate(False))]
+    converged = False
+    for it in range(max_iter):
+        opt.step(closure)
+        history.append(-float(evaluate(False)))
+        if callback is not None:
+            callback({"stage": "vi", "step": it + 1, "objective": -history[-1], "elbo": history[-1]})
+        if abs(history[-1] - history[-2]) <= tol * (1 + abs(history[-1])):
+            converged = True
+            break
+    return history, converged
+
+
+def autograd_evaluate(objective: Callable[[], Tensor]) -> Callable[[bool], Tensor]:
+    """Adapt a differentiable objective() to :func:`run_lbfgs`'s ``evaluate(need_grad)``."""
+
+    def evaluate(need_grad: bool) -> Tensor:
+        if not need_grad:
+            with torch.no_grad():
+                return objective()
+        loss = objective()
+        loss.backward()
+        return loss.detach()
+
+    return evaluate
 
 
 def fit_vi(
@@ -92,6 +157,7 @@ def fit_vi(
     max_iter: int = 300,
     tol: float = 1e-7,
     seed: int = 0,
+    callback: Callable[[dict], None] | None = None,
 ) -> VIResult:
     r"""Maximise the ELBO over (μ, C) by L-BFGS (strong Wolfe), one iteration at a time.
 
@@ -102,12 +168,10 @@ def fit_vi(
         mu0, C0: initial mean (r,) and lower-triangular scale (r, r) (default: the prior).
         num_samples: S, function-space samples per point (fixed across iterations, ±pairs).
         max_iter: L-BFGS iterations; tol: stop when the ELBO changes by less than tol·(1 + |ELBO|).
-        seed: seeds the fixed ξ.
+        seed: seeds the fixed ξ; callback: see :func:`run_lbfgs`.
     """
     n, k, r = Phi.shape
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    half = torch.randn(n, (num_samples + 1) // 2, k, generator=g, dtype=F64)
-    xi = torch.cat([half, -half], dim=1)[:, :num_samples].to(Phi.device)  # antithetic pairs
+    xi = antithetic_normals(n, num_samples, k, seed, Phi.device)
     mu = (torch.zeros(r, dtype=F64) if mu0 is None else mu0.clone()).to(Phi.device).requires_grad_(True)
     C0 = torch.eye(r, dtype=F64, device=Phi.device) / math.sqrt(lam) if C0 is None else C0
     # C = tril(M, -1) + diag(exp(d)): unconstrained, with a positive diagonal
@@ -118,36 +182,8 @@ def fit_vi(
     def scale() -> Tensor:
         return torch.where(tril, M, torch.zeros_like(M)) + torch.diag(torch.exp(d))
 
-    def objective() -> Tensor:
-        return -elbo(lik, y, m0, Phi, mu, scale(), lam, xi)
-
-    opt = torch.optim.LBFGS(
-        [mu, d, M],
-        lr=1.0,
-        max_iter=1,
-        max_eval=40,  # line-search evaluations per step (the default max_iter·5/4 would allow none)
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    with torch.no_grad():
-        history = [float(-objective())]
-    converged = False
-    for _ in range(max_iter):
-        opt.step(closure)
-        with torch.no_grad():
-            history.append(float(-objective()))
-        if abs(history[-1] - history[-2]) <= tol * (1 + abs(history[-1])):
-            converged = True
-            break
+    objective = autograd_evaluate(lambda: -elbo(lik, y, m0, Phi, mu, scale(), lam, xi))
+    history, converged = run_lbfgs([mu, d, M], objective, max_iter, tol, callback)
     with torch.no_grad():
         C = scale().detach()
     return VIResult(mu.detach(), C, history, history[-1], converged, len(history) - 1)
@@ -160,8 +196,8 @@ def laplace_init(lik: Likelihood, y: Tensor, m0: Tensor, Phi: Tensor, lam: float
     B = torch.einsum("nkm,nkr->nmr", Q * ev.clamp_min(0).sqrt()[:, None, :], Phi).reshape(-1, Phi.shape[2])
     P = B.T @ B
     P.diagonal().add_(lam)
-    Pinv = torch.cholesky_inverse(torch.linalg.cholesky(P))
-    return u, torch.linalg.cholesky(0.5 * (Pinv + Pinv.T))
+    Pinv = torch.cholesky_inverse(safe_cholesky(P, "the subspace Laplace precision"))
+    return u, safe_cholesky(0.5 * (Pinv + Pinv.T), "the subspace Laplace covariance")
 
 
 def predictive(
@@ -177,4 +213,15 @@ def predictive(
     return mean, A @ A.mT + resid / lam
 
 
-__all__ = ["VIResult", "fit_vi", "elbo", "kl_to_prior", "laplace_init", "predictive"]
+__all__ = [
+    "VIResult",
+    "fit_vi",
+    "elbo",
+    "expected_loglik",
+    "kl_to_prior",
+    "laplace_init",
+    "predictive",
+    "run_lbfgs",
+    "autograd_evaluate",
+    "antithetic_normals",
+]

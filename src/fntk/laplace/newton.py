@@ -20,12 +20,13 @@ F64 = torch.float64
 class Terms:
     """ℓ(f) = Σ_i nll_i, its gradient g (n, k) and the Hessian root L (n, k, m) at f (n, k)."""
 
-    def __init__(self, lik: Likelihood, f: Tensor, y: Tensor):
+    def __init__(self, lik: Likelihood, f: Tensor, y: Tensor, factors: bool = True):
         self.f = f
         self.value = float(lik._nll(f, y).sum())
         self.g = grad(lambda ff: lik._nll(ff, y).sum())(f)
-        Q, ev = lik._factors(f, y)
-        self.L = Q * ev.clamp_min(0).sqrt()[:, None, :]
+        if factors:  # first-order solvers (L-BFGS) need only the value and g
+            Q, ev = lik._factors(f, y)
+            self.L = Q * ev.clamp_min(0).sqrt()[:, None, :]
 
 
 def nll_sum(lik: Likelihood, f: Tensor, y: Tensor) -> float:
@@ -80,7 +81,7 @@ def _notify(backend: object, step: int, objective: float, grad_norm: float) -> N
     """Call the user's per-Newton-step callback (``LinearizedClassifier.fit(callback=...)``)."""
     cb = getattr(backend, "callback", None)
     if cb is not None:
-        cb({"step": step, "objective": objective, "grad_norm": grad_norm})
+        cb({"stage": "map", "step": step, "objective": objective, "grad_norm": grad_norm})
 
 
 def _top_eig(K: Tensor, r: int) -> tuple[Tensor, Tensor]:
