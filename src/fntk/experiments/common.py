@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,14 @@ class RunConfig:
             env = os.environ.get("FNTK_CACHE")
             self.cache = Path(env) if env else self.out / "cache"
         self.cache = Path(self.cache)
+
+
+def experiment_grid(cfg: RunConfig, quick: dict[str, Any], full: dict[str, Any]) -> tuple[dict, list[int]]:
+    """(grid, seeds) of an experiment run: ``quick`` or ``full`` as ``cfg.quick`` says, with the entries
+    ``cfg.extra`` names overridden, and the ``grid["seeds"]`` seeds cfg.seed, cfg.seed + 1, ..."""
+    grid = dict(quick if cfg.quick else full)
+    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    return grid, [cfg.seed + i for i in range(grid["seeds"])]
 
 
 def progress(it: Iterable, desc: str, total: int | None = None) -> Iterable:
@@ -89,6 +98,23 @@ def format_table(rows: list[dict], by: tuple[str, ...], metrics: tuple[str, ...]
     return "\n".join(lines)
 
 
+def summary_table(
+    records: list[dict[str, Any]], by: tuple[str, ...], metrics: tuple[str, ...]
+) -> tuple[list[dict], str]:
+    """(:func:`summarize` rows, their :func:`format_table` Markdown table)."""
+    rows = summarize(records, by, metrics)
+    return rows, format_table(rows, by, metrics)
+
+
+def errorbars_by_method(ax, rows: list[dict], methods: Iterable[str], x: str, metric: str) -> None:
+    """One error-bar line per method on a matplotlib axis: ``metric`` ± ``metric_std`` of the
+    summary rows against their ``x`` key, in increasing x."""
+    for method in methods:
+        r = sorted((row for row in rows if row["method"] == method), key=lambda row: row[x])
+        ys, errs = [row[metric] for row in r], [row[metric + "_std"] for row in r]
+        ax.errorbar([row[x] for row in r], ys, yerr=errs, marker="o", capsize=3, label=method)
+
+
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """results.json in ``out`` (main rank only); non-finite floats become null."""
 
@@ -116,6 +142,15 @@ def say(*args: Any) -> None:
     """print on the main rank only."""
     if distributed.is_main():
         print(*args, flush=True)
+
+
+def finish(cfg: RunConfig, results: dict[str, Any], start: float, wrote: str) -> dict[str, Any]:
+    """Close a run: add ``wall_seconds`` (since ``start``, a ``time.perf_counter()``) to ``results``,
+    write results.json to ``cfg.out`` and say so (``wrote`` names what else was written)."""
+    results["wall_seconds"] = time.perf_counter() - start
+    write_results(cfg.out, results)
+    say(f"wrote {cfg.out / 'results.json'} and {wrote}")
+    return results
 
 
 @contextlib.contextmanager

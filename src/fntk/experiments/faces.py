@@ -39,16 +39,17 @@ from fntk.data.nets import FacesCNN, heteroscedastic_mean_var, heteroscedastic_n
 from fntk.experiments.common import (
     RunConfig,
     default_threads,
-    format_table,
+    errorbars_by_method,
+    experiment_grid,
+    finish,
     progress,
     pyplot,
     save_figure,
     say,
     seeded,
-    summarize,
+    summary_table,
     torch_threads,
     train_heteroscedastic_source,
-    write_results,
 )
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
@@ -109,10 +110,7 @@ def _scores(mean: Tensor, var: Tensor, y: Tensor, scale: float) -> dict[str, flo
 def _figure(rows: list[dict], proportions: tuple[float, ...], out: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method in METHODS:
-        r = sorted((row for row in rows if row["method"] == method), key=lambda row: row["p"])
-        ax.errorbar([row["p"] for row in r], [row["rmse_deg"] for row in r],
-                    yerr=[row["rmse_deg_std"] for row in r], marker="o", capsize=3, label=method)
+    errorbars_by_method(ax, rows, METHODS, "p", "rmse_deg")
     ax.set_xticks(list(proportions))
     ax.set_xlabel("proportion p of target images labelled")
     ax.set_ylabel("test RMSE (degrees)")
@@ -149,19 +147,15 @@ def run(cfg: RunConfig) -> dict:
     ``cfg.extra`` may override ``seeds``, ``proportions``, ``rotations``, ``source_epochs`` and
     ``finetune_epochs``.
     """
-    grid = dict(QUICK if cfg.quick else FULL)
-    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    grid, seeds = experiment_grid(cfg, QUICK, FULL)
     proportions = tuple(grid["proportions"])
-    seeds = [cfg.seed + i for i in range(grid["seeds"])]
     start = time.perf_counter()
     records: list[dict] = []
     with torch_threads(default_threads(cfg)):
         for seed in seeds:
             _seed(cfg, grid, proportions, seed, records)
-    by = ("p", "method")
-    rows = summarize(records, by, METRICS)
+    rows, table = summary_table(records, ("p", "method"), METRICS)
     figure = _figure(rows, proportions, cfg.out)
-    table = format_table(rows, by, METRICS)
     say(f"rotated faces, unseen people: {len(seeds)} seeds, {grid['rotations']} rotations per face "
         "(mean ± std over seeds; seconds per fit+predict)")
     say(table)
@@ -174,8 +168,5 @@ def run(cfg: RunConfig) -> dict:
         "table": table,
         "records": records,
         "figures": [str(figure)],
-        "wall_seconds": time.perf_counter() - start,
     }
-    write_results(cfg.out, results)
-    say(f"wrote {cfg.out / 'results.json'} and {figure}")
-    return results
+    return finish(cfg, results, start, str(figure))

@@ -37,15 +37,15 @@ from fntk.experiments.common import (
     RunConfig,
     cached_state,
     default_threads,
-    format_table,
+    experiment_grid,
+    finish,
     progress,
     pyplot,
     save_figure,
     say,
     seeded,
-    summarize,
+    summary_table,
     torch_threads,
-    write_results,
 )
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
@@ -174,10 +174,8 @@ def run(cfg: RunConfig) -> dict:
     ``cfg.extra`` may override ``seeds``, ``widths``, ``steps``, ``n``, ``grid`` and ``threads``
     (default ``$FNTK_THREADS`` or 1).
     """
-    grid = dict(QUICK if cfg.quick else FULL)
-    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    grid, seeds = experiment_grid(cfg, QUICK, FULL)
     widths = tuple(grid["widths"])
-    seeds = [cfg.seed + i for i in range(grid["seeds"])]
     start = time.perf_counter()
     records: list[dict] = []
     curves: dict = {}
@@ -192,9 +190,7 @@ def run(cfg: RunConfig) -> dict:
                     curves[(state, width)] = cv
             if seed == cfg.seed:
                 figure = _figure(curves, data, widths, cfg.out)
-    by = ("state", "width")
-    rows = summarize(records, by, METRICS)
-    table = format_table(rows, by, METRICS)
+    rows, table = summary_table(records, ("state", "width"), METRICS)
     say(f"linearity: 1-w-1 ReLU nets, {len(seeds)} seeds, {grid['steps']} GD steps; relative residuals "
         "‖f(θ_T) − g‖ / ‖f(θ_T) − f(θ̂)‖ on [-15, 15] and MSE against the truth")
     say(table)
@@ -206,8 +202,5 @@ def run(cfg: RunConfig) -> dict:
         "table": table,
         "records": records,
         "figures": [str(figure)],
-        "wall_seconds": time.perf_counter() - start,
     }
-    write_results(cfg.out, results)
-    say(f"wrote {cfg.out / 'results.json'} and {figure}")
-    return results
+    return finish(cfg, results, start, str(figure))

@@ -48,16 +48,17 @@ from fntk.data.nets import heteroscedastic_mean_var, heteroscedastic_mlp, hetero
 from fntk.experiments.common import (
     RunConfig,
     default_threads,
-    format_table,
+    errorbars_by_method,
+    experiment_grid,
+    finish,
     progress,
     pyplot,
     save_figure,
     say,
     seeded,
-    summarize,
+    summary_table,
     torch_threads,
     train_heteroscedastic_source,
-    write_results,
 )
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
@@ -173,10 +174,7 @@ def _maps(target: MalariaYear, net: nn.Module, lin: Linearized, data: dict, unit
 def _mse_figure(rows: list[dict], nxs: tuple[int, ...], out: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        r = sorted((row for row in rows if row["method"] == method), key=lambda row: row["nx"])
-        ax.errorbar([row["nx"] for row in r], [row["mse"] for row in r], yerr=[row["mse_std"] for row in r],
-                    marker="o", capsize=3, label=method)
+    errorbars_by_method(ax, rows, METHODS, "nx", "mse")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(list(nxs), [str(n) for n in nxs])
@@ -218,20 +216,16 @@ def run(cfg: RunConfig) -> dict:
     ``source_epochs``, ``finetune_epochs`` (the step counts cross-validated over), ``map_nx``,
     ``map_stride``.
     """
-    grid = dict(QUICK if cfg.quick else FULL)
-    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
+    grid, seeds = experiment_grid(cfg, QUICK, FULL)
     nxs = tuple(grid["nx"])
-    seeds = [cfg.seed + i for i in range(grid["seeds"])]
     start = time.perf_counter()
     records: list[dict] = []
     figures: list[str] = []
     with torch_threads(default_threads(cfg)):
         for seed in seeds:
             _seed(cfg, grid, nxs, seed, records, figures)
-    by = ("nx", "method")
-    rows = summarize(records, by, METRICS)
+    rows, table = summary_table(records, ("nx", "method"), METRICS)
     figures.append(str(_mse_figure(rows, nxs, cfg.out)))
-    table = format_table(rows, by, METRICS)
     say(f"malaria 2012 → 2016 (Kenya): {len(seeds)} seeds, test on {grid['n_test']} pixels of 2016 "
         "(mean ± std over seeds; seconds per fit+predict)")
     say(table)
@@ -246,8 +240,5 @@ def run(cfg: RunConfig) -> dict:
         "table": table,
         "records": records,
         "figures": figures,
-        "wall_seconds": time.perf_counter() - start,
     }
-    write_results(cfg.out, results)
-    say(f"wrote {cfg.out / 'results.json'} and {len(figures)} figures")
-    return results
+    return finish(cfg, results, start, f"{len(figures)} figures")

@@ -47,16 +47,16 @@ from fntk.experiments.common import (
     RunConfig,
     cached_state,
     default_threads,
-    format_table,
+    experiment_grid,
+    finish,
     progress,
     pyplot,
     residual_variance,
     save_figure,
     say,
     seeded,
-    summarize,
+    summary_table,
     torch_threads,
-    write_results,
 )
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
@@ -251,9 +251,7 @@ def run(cfg: RunConfig) -> dict:
     ``cfg.extra`` may override any grid entry (``seeds``, ``tasks``, ``nx``, ``n_source``,
     ``source_steps``, ``ablr_steps``) and ``threads`` (default ``$FNTK_THREADS`` or 1: these nets are tiny).
     """
-    grid = dict(QUICK if cfg.quick else FULL)
-    grid.update({k: v for k, v in cfg.extra.items() if k in grid})
-    seeds = [cfg.seed + i for i in range(grid["seeds"])]
+    grid, seeds = experiment_grid(cfg, QUICK, FULL)
     start = time.perf_counter()
     records: list[dict] = []
     curves: list[dict] = []
@@ -262,9 +260,7 @@ def run(cfg: RunConfig) -> dict:
             for seed in seeds:
                 records += _run_setting(cfg, kind, seed, grid, curves)
         figure = _figure(curves, cfg.out)
-    by = ("setting", "method")
-    rows = summarize(records, by, METRICS)
-    table = format_table(rows, by, METRICS)
+    rows, table = summary_table(records, ("setting", "method"), METRICS)
     agreement = _space_agreement(records)
     say(f"sine transfer: {grid['tasks']} target tasks × {len(seeds)} seeds, nx = {grid['nx']} "
         "(mean ± std over tasks and seeds; seconds per task)")
@@ -281,8 +277,5 @@ def run(cfg: RunConfig) -> dict:
         "space_agreement": agreement,
         "records": records,
         "figures": [str(figure)],
-        "wall_seconds": time.perf_counter() - start,
     }
-    write_results(cfg.out, results)
-    say(f"wrote {cfg.out / 'results.json'} and {figure}")
-    return results
+    return finish(cfg, results, start, str(figure))

@@ -36,12 +36,12 @@ from torch import nn
 from fntk.experiments.common import (
     RunConfig,
     default_threads,
+    finish,
     format_table,
     progress,
     pyplot,
     save_figure,
     say,
-    write_results,
 )
 
 METRICS = ("seconds", "ratio")
@@ -198,11 +198,8 @@ def run(cfg: RunConfig) -> dict:
         "records": records,
         "table": table,
         "figures": [str(figure)],
-        "wall_seconds": time.perf_counter() - start,
     }
-    write_results(cfg.out, results)
-    say(f"wrote {cfg.out / 'results.json'} and {figure}")
-    return results
+    return finish(cfg, results, start, str(figure))
 
 
 def records_to_rows(records: list[dict]) -> list[dict]:
