@@ -34,6 +34,26 @@ def kernels(lin, x1, x2) -> dict:
     }
 
 
+def all_products(model, x1, x2) -> dict:
+    """Every product of Linearized and the operators, and :func:`kernels`, with fixed random
+    tangents (a generator seeded 3): what the ranks compute and the single-process reference."""
+    import fntk
+
+    lin = fntk.Linearized(model)
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
+    res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
+    U = torch.randn(*res["forward"].shape, 5, generator=g, dtype=torch.float64)
+    res["vjp"] = lin.vjp(x1, U)
+    K = fntk.NTKOperator(lin, x1, x2)
+    W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
+    res["ntk_matmul"] = K @ W
+    res["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
+    res["ntk_dense"] = K.to_dense()
+    res.update(kernels(lin, x1, x2))
+    return res
+
+
 def _finish() -> None:
     """Wait for every rank before tearing the group down (gloo aborts a rank whose peer has
     already destroyed its side mid-teardown)."""
@@ -43,25 +63,12 @@ def _finish() -> None:
 
 def products(rank: int, world: int, port: int, out: str, case: str) -> None:
     """Every product of Linearized and the operators, saved by rank 0."""
-    import fntk
 
     from models import make
 
     _init(rank, world, port)
     try:
-        model, x1, x2 = make(case)
-        lin = fntk.Linearized(model)
-        g = torch.Generator().manual_seed(3)
-        V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
-        res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
-        U = torch.randn(*res["forward"].shape, 5, generator=g, dtype=torch.float64)
-        res["vjp"] = lin.vjp(x1, U)
-        K = fntk.NTKOperator(lin, x1, x2)
-        W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
-        res["ntk_matmul"] = K @ W
-        res["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
-        res["ntk_dense"] = K.to_dense()
-        res.update(kernels(lin, x1, x2))
+        res = all_products(*make(case))
         if rank == 0:
             torch.save(res, out)
     finally:

@@ -9,8 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import fntk
-
 import dist_worker
 from models import make
 from reference import rel_err
@@ -31,19 +29,7 @@ def test_two_ranks_match_single_process(tmp_path, case):
     out = tmp_path / "res.pt"
     _spawn(dist_worker.products, out, case)
     got = torch.load(out, weights_only=True)
-    model, x1, x2 = make(case)
-    lin = fntk.Linearized(model)
-    g = torch.Generator().manual_seed(3)
-    V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
-    ref = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
-    U = torch.randn(*ref["forward"].shape, 5, generator=g, dtype=torch.float64)
-    ref["vjp"] = lin.vjp(x1, U)
-    K = fntk.NTKOperator(lin, x1, x2)
-    W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
-    ref["ntk_matmul"] = K @ W
-    ref["ntk_diag"] = fntk.NTKOperator(lin, x1).diagonal()
-    ref["ntk_dense"] = K.to_dense()
-    ref.update(dist_worker.kernels(lin, x1, x2))
+    ref = dist_worker.all_products(*make(case))
     for key, value in ref.items():
         assert rel_err(got[key], value) <= 1e-10, key
 
