@@ -52,9 +52,9 @@ def test_lbfgs_map_is_stationary_and_equals_the_dense_map(cov, prior_mean, k, ba
     w = clf.weights()
     assert float(ref.gradient(w).norm()) <= 1e-6  # independent gradient from the dense Jacobian
     torch.testing.assert_close(w, ref.w, atol=5e-6, rtol=0)  # ‖w − w*‖ ≤ ‖∇Ψ‖ / λ_min(P)
-    # the objective history decreases monotonically (strong-Wolfe line search on a convex Ψ)
+    # the objective decreases monotonically (up to its rounding, where the line search uses ∇Ψ only)
     objs = [o for o, _ in clf.map_history_]
-    assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))
+    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(objs, objs[1:]))
 
 
 def test_lbfgs_laplace_and_marglik_agree_with_newton():
@@ -62,13 +62,13 @@ def test_lbfgs_laplace_and_marglik_agree_with_newton():
     model = tanh_mlp(d_in=3, width=6, k=3).to(DT)
     x, y = _data(n=24, seed=4, model=model)
     xs, _ = _data(n=6, seed=5)
-    kw = dict(inference="laplace", space="weight", covariance="dense", tol=1e-6)
+    kw = dict(inference="laplace", space="weight", covariance="dense", tol=1e-9)
     a = LinearizedClassifier(model, **kw).fit(x, y)
     b = LinearizedClassifier(model, solver="lbfgs", batch_size=5, **kw).fit(x, y)
-    # (L-BFGS stalls near ‖∇Ψ‖ ~ 3e-7 here: below that, Ψ decreases by less than its float64 rounding)
-    assert a.grad_norm_ <= 1e-6 and b.grad_norm_ <= 1e-6
-    assert abs(a.prior_precision_ / b.prior_precision_ - 1) < 1e-5
-    torch.testing.assert_close(b.predict_proba(xs), a.predict_proba(xs), atol=1e-6, rtol=0)
+    # ‖∇Ψ‖ ≤ 1e-9 is below where Ψ's decrease is resolved in float64: the derivative line search
+    assert a.grad_norm_ <= 1e-9 and b.grad_norm_ <= 1e-9
+    assert abs(a.prior_precision_ / b.prior_precision_ - 1) < 1e-6
+    torch.testing.assert_close(b.predict_proba(xs), a.predict_proba(xs), atol=1e-9, rtol=0)
 
 
 def test_lbfgs_callback_and_errors():
@@ -229,3 +229,24 @@ def test_meanfield_and_lbfgs_survive_save_and_load(tmp_path):
         clf.save(tmp_path / "clf.fntk")
         back = fntk.load(tmp_path / "clf.fntk", model)
         torch.testing.assert_close(back.predict_proba(xs), clf.predict_proba(xs), atol=0, rtol=0)
+
+
+def test_lbfgs_minimize_reaches_tight_tolerances_on_an_ill_conditioned_quadratic():
+    """Ψ(w) = ½ wᵀ A w − bᵀ w + 1e3 (a large constant: Ψ's rounding hides the last decreases),
+    cond(A) = 1e4; the minimiser A⁻¹ b from a dense solve."""
+    from fntk import _lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=DT)).Q
+    A = Q @ torch.diag(torch.logspace(0, 4, 40, dtype=DT)) @ Q.T
+    b = torch.randn(40, generator=g, dtype=DT)
+    calls = []
+
+    def fg(w):
+        return float(0.5 * w @ A @ w - b @ w + 1e3), A @ w - b
+
+    w, hist, ok = _lbfgs.minimize(
+        fg, torch.zeros(40, dtype=DT), 1e-10, 2000, notify=lambda *a: calls.append(a)
+    )
+    assert ok and hist[-1][1] <= 1e-10 and len(calls) == len(hist)
+    torch.testing.assert_close(w, torch.linalg.solve(A, b), atol=1e-10, rtol=0)

@@ -10,6 +10,7 @@ from linear_operator.utils.linear_cg import linear_cg
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
+from fntk import _lbfgs
 from fntk.curvature import lanczos_root
 from fntk.laplace.kernels import kernel_diag_blocks, prior_mean_function
 from fntk.laplace.newton import (
@@ -168,45 +169,14 @@ class WeightSpace:
         return value, g
 
     def _fit_lbfgs(self, lam: float, tol: float, max_iter: int) -> FitInfo:
-        """L-BFGS (strong-Wolfe line search, history 20) on the convex Ψ(w), one iteration per
-        step so that ‖∇_w Ψ‖ (the 2-norm, which torch's own test, the max-norm, is not) is checked
-        and reported every iteration. Stops when ‖∇Ψ‖ ≤ tol or when a step no longer changes Ψ."""
-        w = self.w.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [w],
-            lr=1.0,
-            max_iter=1,
-            max_eval=25,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
+        """L-BFGS (:mod:`fntk._lbfgs`: two-loop recursion, a line search on the directional
+        derivative that stays accurate below Ψ's rounding) on the convex Ψ(w), to ‖∇_w Ψ‖ ≤ tol."""
+        w, hist, converged = _lbfgs.minimize(
+            self.objective_and_grad, self.w, tol, max_iter, notify=lambda *a: _notify(self, *a)
         )
-
-        def closure():
-            value, g = self.objective_and_grad(w.detach())
-            w.grad = g
-            return torch.tensor(value, dtype=F64)
-
-        info = FitInfo()
-        prev = math.inf
-        for it in range(max_iter + 1):
-            obj, g = self.objective_and_grad(w.detach())
-            gn = float(g.norm())
-            _notify(self, it, obj, gn)
-            info.history.append((obj, gn))
-            info.n_iter, info.grad_norm, info.objective = it, gn, obj
-            if gn <= tol:
-                info.converged = True
-                break
-            # no decrease left at this precision (Ψ's rounding): stationary to rounding
-            if it == max_iter or not math.isfinite(obj) or prev - obj <= 1e-15 * abs(obj) and it > 1:
-                break
-            prev = obj
-            opt.step(closure)
-        self.w = w.detach().clone()
-        self._last_eval = None
-        return info
+        self.w, self._last_eval = w, None
+        obj, gn = hist[-1]
+        return FitInfo(converged, len(hist) - 1, gn, obj, hist)
 
     def _posterior(self) -> None:
         lam = self.lam
