@@ -293,7 +293,8 @@ def test_vi_elbo_increases():
     assert all(b >= a - 1e-9 for a, b in zip(h, h[1:]))  # L-BFGS on a fixed-sample ELBO: monotone
 
 
-def test_vi_mean_approaches_map_as_data_grows():
+@pytest.mark.parametrize("family", ["subspace", "meanfield"])
+def test_vi_mean_approaches_map_as_data_grows(family):
     torch.manual_seed(0)
     model = nn.Linear(3, 3).to(DT)
     gaps = []
@@ -301,7 +302,7 @@ def test_vi_mean_approaches_map_as_data_grows():
         x, y = _data(n=n, seed=13, model=model)
         kw = dict(prior_precision=1.0, space="weight", vi_init="prior", vi_samples=64)
         m = LinearizedClassifier(model, inference="map", **kw).fit(x, y).weights()
-        v = LinearizedClassifier(model, inference="vi", **kw).fit(x, y).weights()
+        v = LinearizedClassifier(model, inference="vi", vi_family=family, **kw).fit(x, y).weights()
         gaps.append(float((v - m).norm() / (m - model.weight.new_tensor(0)).norm().clamp_min(1e-12)))
     assert gaps[2] < gaps[1] < gaps[0] and gaps[2] < 0.05, gaps
 

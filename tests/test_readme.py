@@ -1,4 +1,4 @@
-"""The README's usage example runs as written."""
+"""The README's usage examples run as written."""
 
 import re
 from pathlib import Path
@@ -8,24 +8,25 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_usage_example_runs():
-    text = README.read_text()
-    block = re.search(r"## Usage\n\n```python\n(.*?)```", text, re.S)
-    assert block, "README has no ## Usage python block"
+def _run_block(heading: str) -> dict:
+    """Execute the first python block under the README heading (a regex); return its namespace."""
+    block = re.search(heading + r"\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert block, f"README has no python block under {heading!r}"
     namespace: dict = {}
-    exec(compile(block.group(1), "README-usage", "exec"), namespace)
-    assert namespace["JV"].shape == (100, 3, 8)
-    assert namespace["J"].shape[:2] == (10, 3)
+    exec(compile(block.group(1), f"README {heading}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_usage_example_runs():
+    ns = _run_block("## Usage")
+    assert ns["JV"].shape == (100, 3, 8)
+    assert ns["J"].shape[:2] == (10, 3)
 
 
 def test_readme_classification_example_runs():
-    text = README.read_text()
-    block = re.search(r"### Classification: [^\n]*\n\n```python\n(.*?)```", text, re.S)
-    assert block, "README has no classification python block"
-    namespace: dict = {}
-    exec(compile(block.group(1), "README-classification", "exec"), namespace)
-    probs, w = namespace["probs"], namespace["w_map"]
+    ns = _run_block(r"### Classification: [^\n]*")
+    probs, w = ns["probs"], ns["w_map"]
     assert probs.shape == (40, 3) and torch.allclose(probs.sum(-1), torch.ones(40))
-    assert namespace["clf"].converged_ and namespace["lb"].converged_
-    assert w.shape == (namespace["lb"].lin.num_params,)
-    assert namespace["vi"].vi_family == "meanfield" and namespace["vi"].lin.num_params == 99
+    assert ns["clf"].converged_ and ns["lb"].converged_
+    assert w.shape == (ns["lb"].lin.num_params,)
+    assert ns["vi"].vi_family == "meanfield" and ns["vi"].lin.num_params == 99
