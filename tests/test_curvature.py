@@ -299,3 +299,23 @@ def test_errors():
         lanczos_root(op, 0)
     with pytest.raises(ValueError, match="square"):
         hutchinson_diagonal(torch.zeros(3, 4), 2)
+
+
+@pytest.mark.parametrize("case,name", [("multi", "categorical"), ("cnn", "hetero_softplus"), ("mlp", "bernoulli")])
+def test_hessian_at_given_logits(case, name):
+    """logits= moves only where H is evaluated: G = Σ Jᵀ H(logits) J with J still at θ̂."""
+    model, x, lin, lik, y, _ = setup(case, name)
+    J = dense_jacobian(model, x)
+    gen = torch.Generator().manual_seed(3)
+    logits = lin.forward(x) + 0.5 * torch.randn(lin.forward(x).shape, generator=gen, dtype=D64)
+    _, logp, _, _ = data(name, logits.shape[1], torch.Generator().manual_seed(7))
+    G = torch.einsum("nkp,nkl,nlq->pq", J, fisher_reference(name, logp, logits, y), J)
+    op = fntk.GGNOperator(lin, x, lik, y, logits=logits)
+    V = torch.randn(G.shape[0], 4, generator=gen, dtype=D64)
+    assert rel_err(op @ V, G @ V) <= TOL
+    assert rel_err(op.diagonal(), G.diagonal()) <= TOL
+    assert rel_err(op.to_dense(), G) <= TOL
+    with pytest.raises(ValueError, match="logits= .* needs method='exact'"):
+        fntk.GGNOperator(lin, x, lik, y, method="autograd", logits=logits)
+    with pytest.raises(ValueError, match=r"logits must be a tensor of shape \(6, \d\) \(n, k\), got \(5, \d\)"):
+        fntk.GGNOperator(lin, x, lik, y, logits=logits[:5])

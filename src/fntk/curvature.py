@@ -62,6 +62,9 @@ class GGNOperator(_SymmetricWeightOperator):
         method: ``"exact"`` | ``"finite_difference"`` | ``"autograd"`` (see the module docstring).
         reduction: ``"sum"`` (s = 1) or ``"mean"`` (s = 1/n).
         eps: the finite-difference step length ‖θ' − θ̂‖ (default 1e-4, as in the paper).
+        logits: the outputs (n, k) at which the H_i are evaluated (default f(x; θ̂)); e.g. the
+            linearized logits f_lin(x; w*) = f(x; θ̂) + J(x)(w* − θ̂) for a Laplace approximation of
+            the linearized model at its MAP w* (J does not depend on w there). ``"exact"`` only.
 
     ``G @ V`` takes V (p,) or (p, r) (or batched (*b, p, r)); ``diagonal()`` and ``to_dense()`` are
     exact whatever the method (``to_dense`` forms per-example Jacobians in chunks: p² memory).
@@ -76,6 +79,7 @@ class GGNOperator(_SymmetricWeightOperator):
         method: str = "exact",
         reduction: str = "sum",
         eps: float = 1e-4,
+        logits: Tensor | None = None,
         _f: Tensor | None = None,
         _checked: bool = False,
     ):
@@ -99,6 +103,16 @@ class GGNOperator(_SymmetricWeightOperator):
                 )
             x = lin.check_input(x)
             _f = likelihood.check_outputs(lin.forward(x), "model output")
+            if logits is not None:
+                if method != "exact":
+                    raise ValueError(
+                        f"logits= (where H is evaluated) needs method='exact'; method={method!r} "
+                        "takes H at f(x; θ̂) from KL perturbations of the network itself"
+                    )
+                if not isinstance(logits, Tensor) or logits.shape != _f.shape:
+                    got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                    raise ValueError(f"logits must be a tensor of shape {tuple(_f.shape)} (n, k), got {got}")
+                _f = likelihood.check_outputs(logits.detach().to(_f), "logits")
             y = likelihood.check_target(y, _f)
         super().__init__(
             lin=lin,
@@ -113,7 +127,7 @@ class GGNOperator(_SymmetricWeightOperator):
         )
         self.lin, self.x, self.likelihood, self.y = lin, x, likelihood, y
         self.method, self.reduction, self.eps = method, reduction, float(eps)
-        self.f = _f  # f(x; θ̂): (n, k)
+        self.f = _f  # where H is evaluated, f(x; θ̂) unless logits= was given: (n, k)
         n = x.shape[0]
         self.scale = 1.0 if reduction == "sum" else 1.0 / n
         self._hop = None  # the likelihood's H operator, built on first use

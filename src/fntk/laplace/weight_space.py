@@ -11,7 +11,7 @@ from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from fntk import _lbfgs
-from fntk.curvature import lanczos_root
+from fntk.curvature import GGNOperator, lanczos_root
 from fntk.laplace.kernels import kernel_diag_blocks, prior_mean_function
 from fntk.laplace.newton import (
     F64,
@@ -185,7 +185,7 @@ class WeightSpace:
         if self.dense:
             self.R = self._precision_chol(self.terms.L, lam)
         else:
-            self.s, self.U = lanczos_root(_GGNOperator(self, self.terms.L), self.rank)
+            self.s, self.U = lanczos_root(_ggn_at(self), self.rank)
             self.s = self.s.clamp_min(0)
 
     def weight_sqnorm(self) -> float:
@@ -264,7 +264,7 @@ class WeightSpace:
             keep = S[:r] > 1e-7 * S[0]
             U = Vh[:r][keep].T
         else:
-            jtj = _GGNOperator(self, None)
+            jtj = _jtj(self)
             e, U = lanczos_root(jtj, min(r, self.p))
             U = U[:, e > 1e-14 * e[0]]
         self._U = U
@@ -282,17 +282,25 @@ class WeightSpace:
         return self.mu0 + self._U @ u
 
 
-class _GGNOperator:
-    """Jᵀ L Lᵀ J (or Jᵀ J when L is None) at the training points, as the (p × p) matrix-free
-    operator :func:`~fntk.curvature.lanczos_root` needs (shape, dtype, device, ``@``). H is taken
-    at the *linearized* logits f_lin(x; w), which :class:`~fntk.GGNOperator` (H at f(x; θ̂)) does
-    not offer; so it is composed here from the Jacobian products and the likelihood's factors."""
+class _Float64Operator:
+    """A (p × p) symmetric product V ↦ A V seen by :func:`~fntk.curvature.lanczos_root` as float64
+    (shape, dtype, device, ``@``), so that the Lanczos vectors and their reorthogonalisation stay
+    in float64 (the Laplace algebra's precision policy) even for a float32 model."""
 
-    def __init__(self, ws: WeightSpace, L: Tensor | None):
-        self.ws, self.L = ws, L
-        self.shape, self.dtype, self.device = (ws.p, ws.p), F64, ws.theta.device
+    def __init__(self, p: int, device: torch.device, product):
+        self.shape, self.dtype, self.device, self._product = (p, p), F64, device, product
 
     def __matmul__(self, V: Tensor) -> Tensor:
-        if self.L is None:
-            return self.ws.jtu(self.ws.jv(V))
-        return self.ws._ggn_mv(self.L, V)
+        return self._product(V)
+
+
+def _ggn_at(ws: WeightSpace) -> _Float64Operator:
+    """The GGN Jᵀ H(f*) J at the linearized logits f* = f_lin(X; w*): :class:`~fntk.GGNOperator`
+    with ``logits=f*`` (the network's products in the model's dtype), its results in float64."""
+    G = GGNOperator(ws.lin, ws.x, ws.lik, ws.y, logits=ws.f_star)
+    return _Float64Operator(ws.p, ws.theta.device, lambda V: (G @ V.to(ws.lin.dtype)).to(F64))
+
+
+def _jtj(ws: WeightSpace) -> _Float64Operator:
+    """Jᵀ J at the training points (H = I), for the VI subspace."""
+    return _Float64Operator(ws.p, ws.theta.device, lambda V: ws.jtu(ws.jv(V)))
