@@ -301,7 +301,9 @@ def test_errors():
         hutchinson_diagonal(torch.zeros(3, 4), 2)
 
 
-@pytest.mark.parametrize("case,name", [("multi", "categorical"), ("cnn", "hetero_softplus"), ("mlp", "bernoulli")])
+@pytest.mark.parametrize(
+    "case,name", [("multi", "categorical"), ("cnn", "hetero_softplus"), ("mlp", "bernoulli")]
+)
 def test_hessian_at_given_logits(case, name):
     """logits= moves only where H is evaluated: G = Σ Jᵀ H(logits) J with J still at θ̂."""
     model, x, lin, lik, y, _ = setup(case, name)
@@ -317,5 +319,7 @@ def test_hessian_at_given_logits(case, name):
     assert rel_err(op.to_dense(), G) <= TOL
     with pytest.raises(ValueError, match="logits= .* needs method='exact'"):
         fntk.GGNOperator(lin, x, lik, y, method="autograd", logits=logits)
-    with pytest.raises(ValueError, match=r"logits must be a tensor of shape \(6, \d\) \(n, k\), got \(5, \d\)"):
+    with pytest.raises(
+        ValueError, match=r"logits must be a tensor of shape \(6, \d\) \(n, k\), got \(5, \d\)"
+    ):
         fntk.GGNOperator(lin, x, lik, y, logits=logits[:5])
