@@ -237,3 +237,11 @@ def test_lbfgs_minimize_reaches_tight_tolerances_on_an_ill_conditioned_quadratic
     )
     assert ok and hist[-1][1] <= 1e-10 and len(calls) == len(hist)
     torch.testing.assert_close(w, torch.linalg.solve(A, b), atol=1e-10, rtol=0)
+
+
+def test_one_not_fitted_error_for_both_estimators():
+    model = tanh_mlp(d_in=3, width=4, k=1).to(DT)
+    x = torch.randn(4, 3, dtype=DT)
+    for est in (LinearizedClassifier(model), fntk.NTKRegressor(model)):
+        with pytest.raises(fntk.NotFittedError, match="not fitted yet"):
+            est.predict(x)

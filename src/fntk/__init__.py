@@ -1,5 +1,6 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
+from fntk._validation import NotFittedError
 from fntk.classify import LinearizedClassifier
 from fntk.curvature import GGNOperator
 from fntk.gp import NTKRegressor
@@ -19,6 +20,7 @@ __all__ = [
     "NTKRegressor",
     "GGNOperator",
     "LinearizedClassifier",
+    "NotFittedError",
     "get_memory_budget",
     "set_memory_budget",
     "load",

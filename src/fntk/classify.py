@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from fntk import vi as _vi
 from fntk import vi_meanfield as _mf
+from fntk._validation import NotFittedError, choice, positive_int
 from fntk.glm_predictive import glm_predictive
 from fntk.laplace import (
     F64,
@@ -69,22 +70,6 @@ VI_FAMILIES = ("subspace", "meanfield")
 
 #: weight space stays dense (explicit J, (p × p) Cholesky) up to this many parameters
 DENSE_MAX_PARAMS = 6000
-
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when predicting with a classifier that has not been fitted."""
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in valid:
-        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class LinearizedClassifier:
@@ -149,7 +134,7 @@ class LinearizedClassifier:
         seed: int = 0,
         memory_budget: int | None = None,
     ):
-        self.inference = _choice("inference", inference, INFERENCES)
+        self.inference = choice("inference", inference, INFERENCES)
         bad_prior = ValueError(
             f"prior_precision must be 'marglik' or a positive float, got {prior_precision!r}"
         )
@@ -163,27 +148,27 @@ class LinearizedClassifier:
         ):
             raise bad_prior
         self.prior_precision = prior_precision
-        self.prior_mean = _choice("prior_mean", prior_mean, PRIOR_MEANS)
-        self.link_approx = _choice("link_approx", link_approx, LINK_APPROXES)
-        self.space = _choice("space", space, SPACES)
-        self.covariance = _choice("covariance", covariance, COVARIANCES)
-        self.vi_init = _choice("vi_init", vi_init, ("laplace", "prior"))
-        self.vi_family = _choice("vi_family", vi_family, VI_FAMILIES)
-        self.rank = _positive_int("rank", rank)
-        self.num_samples = _positive_int("num_samples", num_samples)
-        self.vi_rank = _positive_int("vi_rank", vi_rank)
-        self.vi_samples = _positive_int("vi_samples", vi_samples)
-        self.vi_max_iter = _positive_int("vi_max_iter", vi_max_iter)
-        self.solver = _choice("solver", solver, SOLVERS)
+        self.prior_mean = choice("prior_mean", prior_mean, PRIOR_MEANS)
+        self.link_approx = choice("link_approx", link_approx, LINK_APPROXES)
+        self.space = choice("space", space, SPACES)
+        self.covariance = choice("covariance", covariance, COVARIANCES)
+        self.vi_init = choice("vi_init", vi_init, ("laplace", "prior"))
+        self.vi_family = choice("vi_family", vi_family, VI_FAMILIES)
+        self.rank = positive_int("rank", rank)
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.vi_rank = positive_int("vi_rank", vi_rank)
+        self.vi_samples = positive_int("vi_samples", vi_samples)
+        self.vi_max_iter = positive_int("vi_max_iter", vi_max_iter)
+        self.solver = choice("solver", solver, SOLVERS)
         if self.solver == "lbfgs" and self.space == "function":
             raise ValueError(
                 "solver='lbfgs' optimises the weights w (weight space); use space='weight' or 'auto' "
                 "with it, or solver='newton' for space='function'"
             )
-        self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         if max_iter is None:
             max_iter = 100 if self.solver == "newton" else 2000
-        self.max_iter = _positive_int("max_iter", max_iter)
+        self.max_iter = positive_int("max_iter", max_iter)
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive float, got {tol!r}")
         self.tol, self.seed = float(tol), int(seed)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fntk._callbacks import Callback, check_callback, observe
+from fntk._validation import NotFittedError
 from fntk.gp import _iterative, _plan, _solvers
 from fntk.gp._solvers import F64, Hyper
 from fntk.gp.posterior import NTKPosterior
@@ -33,10 +34,6 @@ from fntk.ntk import NTKMethod
 MEANS = ("network", "constant")
 HYPERPARAMETERS = ("scale", "noise", "constant")
 DEFAULT_NOISE = 0.1  # standardised units: a tenth of the residual variance
-
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a regressor is used before :meth:`NTKRegressor.fit`."""
 
 
 def _positive(name: str, v: float | None) -> float | None:
