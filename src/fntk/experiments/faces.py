@@ -56,7 +56,7 @@ from fntk.linearize import Linearized
 
 METHODS = ("source", "ntk_gp", "finetune_last", "finetune_all")
 METRICS = ("rmse_deg", "nll", "coverage", "seconds")
-FULL = {"seeds": 2, "proportions": (0.1, 0.25, 0.5), "rotations": 30, "source_epochs": 10,
+FULL = {"seeds": 5, "proportions": (0.1, 0.25, 0.5), "rotations": 30, "source_epochs": 10,
         "finetune_epochs": 10}
 QUICK = {"seeds": 1, "proportions": (0.1,), "rotations": 3, "source_epochs": 2, "finetune_epochs": 2}
 SOURCE = {"lr": 1e-3, "batch_size": 64}
