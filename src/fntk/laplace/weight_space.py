@@ -140,14 +140,6 @@ class WeightSpace:
         return list(self.lin._chunks(self.n, self.batch_size or self.n))
 
     def objective_and_grad(self, w: Tensor) -> tuple[float, Tensor]:
-        last = getattr(self, "_last_eval", None)
-        if last is not None and last[0].shape == w.shape and torch.equal(last[0], w):
-            return last[1], last[2]  # L-BFGS asks again for the point it stopped at
-        value, g = self._objective_and_grad(w)
-        self._last_eval = (w.clone(), value, g)
-        return value, g
-
-    def _objective_and_grad(self, w: Tensor) -> tuple[float, Tensor]:
         """Ψ(w) and ∇_w Ψ = Σ_b J_bᵀ ∇ℓ(f_b) + λ(w − μ₀), accumulated over mini-batches b of the
         points (f_b = f(x_b; θ̂) + J_b(w − θ̂): one J·v and one Jᵀ·u product per batch, so memory is
         bounded by the batch size, not n)."""
@@ -174,7 +166,7 @@ class WeightSpace:
         w, hist, converged = _lbfgs.minimize(
             self.objective_and_grad, self.w, tol, max_iter, notify=lambda *a: _notify(self, *a)
         )
-        self.w, self._last_eval = w, None
+        self.w = w
         obj, gn = hist[-1]
         return FitInfo(converged, len(hist) - 1, gn, obj, hist)
 
