@@ -149,16 +149,24 @@ def _gp(b: ModuleType, grid: dict) -> list[dict]:
 
 def _figure(records: list[dict], out: Path) -> Path:
     plt = pyplot()
-    studies = [s for s in ("products", "ntk", "curvature", "gp") if any(r["study"] == s for r in records)]
-    fig, axes = plt.subplots(1, len(studies), figsize=(4.6 * len(studies), 4.2), squeeze=False)
-    for ax, study in zip(axes[0], studies):
+    groups = []
+    for study in ("products", "ntk", "curvature", "gp"):
         recs = [r for r in records if r["study"] == study and math.isfinite(r["ratio"])]
-        labels = [f"{r['method']}\n{r['case'].split(', ', 1)[-1]}" for r in recs]
+        if recs:
+            groups.append((study, recs))
+    sizes = [len(recs) for _, recs in groups] or [1]
+    # one row per study, its height following its number of bars, so no label is squeezed
+    fig, axes = plt.subplots(
+        len(sizes), 1, figsize=(9, 1.0 + 0.24 * sum(sizes) + 0.5 * len(sizes)),
+        gridspec_kw={"height_ratios": sizes}, squeeze=False,
+    )
+    for ax, (study, recs) in zip(axes[:, 0], groups):
         ax.barh(range(len(recs)), [r["ratio"] for r in recs], color="tab:blue")
-        ax.set_yticks(range(len(recs)), labels, fontsize=6)
+        ax.set_yticks(range(len(recs)), [f"{r['case']}  ·  {r['method']}" for r in recs], fontsize=7)
+        ax.invert_yaxis()
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_title(f"{study}: {recs[0]['baseline'] if recs else ''}", fontsize=9)
+        ax.set_title(f"{study}: {recs[0]['baseline']}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out, "speed_ratios.png")
 
