@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -61,6 +62,16 @@ def _finish() -> None:
     dist.destroy_process_group()
 
 
+def _exit_ok() -> None:
+    """End a worker that succeeded without interpreter finalization: gloo's C++ threads can
+    outlive destroy_process_group and, destroyed during finalization, abort the process now and
+    then ("terminate called without an active exception", SIGABRT), failing a run whose results
+    are already saved. Only reached on success, so exceptions still reach spawn."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def products(rank: int, world: int, port: int, out: str, case: str) -> None:
     """Every product of Linearized and the operators, saved by rank 0."""
 
@@ -73,6 +84,7 @@ def products(rank: int, world: int, port: int, out: str, case: str) -> None:
             torch.save(res, out)
     finally:
         _finish()
+    _exit_ok()
 
 
 def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
@@ -92,6 +104,7 @@ def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
                 fh.write(str(err))
     finally:
         _finish()
+    _exit_ok()
 
 
 def failing(rank: int, world: int, port: int, out: str, case: str) -> None:
@@ -146,3 +159,4 @@ def inference(rank: int, world: int, port: int, out: str, space: str) -> None:
             torch.save(res, out)
     finally:
         _finish()
+    _exit_ok()
