@@ -66,3 +66,44 @@ def test_regressor_and_classifier_under_two_ranks(tmp_path, space):
         # in another order across shards, so those agree to 1e-6 rather than 1e-10
         tol = 1e-6 if key in ("mean", "variance", "lml") else 1e-10
         assert rel_err(got[key], value) <= tol, (key, rel_err(got[key], value))
+
+
+def test_cli_under_torchrun_matches_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fntk run linearity --quick` gives the single-process
+    numbers, exits 0 and closes its process group (no teardown warning from torch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "fntk", "run", "linearity", "--quick", "--out"]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            *run[1:],
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "destroy_process_group" not in two.stderr
+    one = subprocess.run([*run, str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    got, ref = (json.loads((tmp_path / d / "results.json").read_text())["summary"] for d in ("two", "one"))
+    assert len(got) == len(ref) == 6
+    for g, r in zip(got, ref):
+        for key, value in r.items():
+            if isinstance(value, float):
+                assert abs(g[key] - value) <= 1e-8 * (1 + abs(value)), key
+            else:
+                assert g[key] == value, key

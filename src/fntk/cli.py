@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from fntk import distributed
 
 
@@ -77,15 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    ours = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if ours:
         distributed.init()
+    ok = False
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        ok = True
+        return code
     except (FileNotFoundError, ValueError) as err:
         # expected user errors (missing data path, bad option): one line, no traceback
         if distributed.is_main():
             print(f"fntk: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if ours:  # a group we opened is closed cleanly (torch warns, gloo may abort, otherwise)
+            distributed.shutdown(ok)
 
 
 if __name__ == "__main__":

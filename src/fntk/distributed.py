@@ -127,6 +127,17 @@ def init(backend: str | None = None, timeout_s: float = 60.0) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
+def shutdown(ok: bool = True) -> None:
+    """Tear down the default process group if it is initialised: after a barrier when every rank
+    succeeded (so no rank destroys its side while a peer still talks to it), at once otherwise
+    (a barrier could wait for a rank that has already failed)."""
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 __all__ = [
     "is_active",
     "rank",
@@ -139,4 +150,5 @@ __all__ = [
     "gather_rows",
     "check_same",
     "init",
+    "shutdown",
 ]
