@@ -245,3 +245,13 @@ def test_one_not_fitted_error_for_both_estimators():
     for est in (LinearizedClassifier(model), fntk.NTKRegressor(model)):
         with pytest.raises(fntk.NotFittedError, match="not fitted yet"):
             est.predict(x)
+
+
+def test_lbfgs_that_runs_out_of_iterations_says_so():
+    model = tanh_mlp(d_in=3, width=4, k=3).to(DT)
+    x, y = _data(n=12, seed=18)
+    clf = LinearizedClassifier(model, inference="map", prior_precision=0.1, solver="lbfgs", max_iter=3)
+    with pytest.warns(RuntimeWarning, match=r"MAP solve stopped after 3 lbfgs iterations with ‖∇Ψ‖ = "):
+        clf.fit(x, y)
+    assert not clf.converged_ and clf.n_iter_ == 3 and clf.grad_norm_ > 1e-6
+    assert len(clf.map_history_) == 4  # the start and three iterates
