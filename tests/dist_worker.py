@@ -140,6 +140,11 @@ def inference_results(space: str) -> dict:
     clf_net = tanh_mlp(k=3).double()
     labels = torch.randint(0, 3, (24,), generator=g)
     clf = fntk.LinearizedClassifier(clf_net, inference="laplace", prior_precision=1.0).fit(x, labels)
+    # the `space` case also picks the MAP solver and the VI family of two more classifiers
+    extra = dict(solver="lbfgs", batch_size=7) if space == "weight" else dict(vi_family="meanfield")
+    other = fntk.LinearizedClassifier(
+        clf_net, inference="map" if space == "weight" else "vi", prior_precision=1.0, **extra
+    ).fit(x, labels)
     return {
         "fixed_mean": post_fixed.mean,
         "fixed_variance": post_fixed.variance,
@@ -148,6 +153,7 @@ def inference_results(space: str) -> dict:
         "variance": post.variance,
         "lml": torch.as_tensor(reg.log_marginal_likelihood()),
         "proba": clf.predict_proba(x2),
+        "proba_other": other.predict_proba(x2),
     }
 
 
