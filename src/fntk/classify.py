@@ -288,10 +288,14 @@ class LinearizedClassifier:
         self.map_history_ = info.history
         self.marglik_history_ = ml.history
         if not info.converged:
+            why = (
+                f"max_iter={self.max_iter} reached"
+                if info.n_iter >= self.max_iter
+                else "the objective no longer decreases at this precision"
+            )
             warnings.warn(
                 f"MAP solve stopped after {info.n_iter} {self.solver} iterations with "
-                f"‖∇Ψ‖ = {info.grad_norm:.3g} > "
-                f"tol = {self.tol:g} (the objective no longer decreases at this precision)",
+                f"‖∇Ψ‖ = {info.grad_norm:.3g} > tol = {self.tol:g} ({why})",
                 RuntimeWarning,
                 stacklevel=3,
             )
