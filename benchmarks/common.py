@@ -54,3 +54,17 @@ def machine_note() -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} "
         "at the end (other jobs shared the cores: ratios are within one run)."
     )
+
+
+def digits_args(doc: str):
+    """The command line of the digit-transfer explorations (--data, --target, --ms, --seeds),
+    parsed; also pins torch to one thread (the results are timed and compared across runs)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--data", default=None, help="folder laid out like shared/data")
+    ap.add_argument("--target", default="sklearn", choices=("sklearn", "usps"))
+    ap.add_argument("--ms", type=int, nargs="+", default=[50, 100])
+    ap.add_argument("--seeds", type=int, default=5)
+    torch.set_num_threads(1)
+    return ap.parse_args()

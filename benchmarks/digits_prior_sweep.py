@@ -14,12 +14,12 @@ Needs the ``pretrained_mnist_lenet5`` folder (and ``usps_esl_zip`` for USPS) und
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from common import digits_args
 from fntk import LinearizedClassifier, baselines, metrics
 from fntk.data.digits import digits_transfer
 from fntk.data.nets import load_pretrained_lenet5
@@ -31,13 +31,7 @@ SETTINGS = (("last", "theta"), ("last", "zero"), ("all", "theta"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--target", default="sklearn", choices=("sklearn", "usps"))
-    ap.add_argument("--ms", type=int, nargs="+", default=[50, 100])
-    ap.add_argument("--seeds", type=int, default=5)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = digits_args(__doc__)
     net = load_pretrained_lenet5(args.data)
     lins = {"last": Linearized(net, baselines.last_layer_names(net)), "all": Linearized(net)}
     scores: dict[tuple, list[tuple[float, float, float, float]]] = {}

@@ -17,13 +17,13 @@ written out densely here (p = 2,010: explicit J and (p × p) Cholesky).
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
 import torch
 
+from common import digits_args
 from fntk import LinearizedClassifier, baselines, metrics
 from fntk.data.digits import digits_transfer, load_mnist5k
 from fntk.data.nets import load_pretrained_lenet5
@@ -80,13 +80,7 @@ def predict(Js, fs, theta, w, R):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--target", default="sklearn", choices=("sklearn", "usps"))
-    ap.add_argument("--ms", type=int, nargs="+", default=[50, 100])
-    ap.add_argument("--seeds", type=int, default=5)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = digits_args(__doc__)
     t0 = time.perf_counter()
     net = load_pretrained_lenet5(args.data)
     lin = Linearized(net, baselines.last_layer_names(net))
