@@ -309,13 +309,14 @@ class LinearizedClassifier:
             mu0 = self.lin.theta.to(F64)
             if self.prior_mean == "zero":
                 mu0 = torch.zeros_like(mu0)
+            jac: list = []  # J(x), formed once when it fits the budget
             if self.vi_init == "laplace":
                 m = b.weights()
-                s = _mf.diagonal_laplace_scale(self.lin, x, self._y, self.likelihood_, m, lam)
+                s = _mf.diagonal_laplace_scale(self.lin, x, self._y, self.likelihood_, m, lam, jac)
             else:
                 m, s = mu0.clone(), torch.full_like(mu0, lam**-0.5)
             res = _mf.fit_meanfield(
-                self.lin, x, self._y, self.likelihood_, mu0, lam, m, s, callback=callback, **opts
+                self.lin, x, self._y, self.likelihood_, mu0, lam, m, s, callback=callback, cache=jac, **opts
             )
             self.vi_rank_ = self.lin.num_params
         else:

@@ -42,7 +42,7 @@ def _jacobian_chunks(lin: Linearized, x: Tensor, cache: list | None = None) -> I
     """(slice, J(x_s) (c, k, p) float64) over chunks of x sized to the memory budget; when ``cache``
     is a list and the whole J fits the budget, J is computed once and kept in it."""
     n, k, p = x.shape[0], lin.num_outputs, lin.num_params
-    if cache is not None and cache:
+    if cache:
         yield slice(0, n), cache[0]
         return
     per_point = k * p * 8 * 3  # J in float64 plus the products formed from it
@@ -65,13 +65,14 @@ def kl_meanfield(m: Tensor, log_s: Tensor, mu0: Tensor, lam: float) -> Tensor:
 
 
 def diagonal_laplace_scale(
-    lin: Linearized, x: Tensor, y: Tensor, lik: Likelihood, w: Tensor, lam: float
+    lin: Linearized, x: Tensor, y: Tensor, lik: Likelihood, w: Tensor, lam: float, cache: list | None = None
 ) -> Tensor:
     """s = (λ + diag(Σ_i J_iᵀ H_i J_i))^-½ at the linearized logits f_lin(x; w): the diagonal Laplace
-    approximation at w, the natural start of mean-field VI from the MAP. (p,) float64."""
+    approximation at w, the natural start of mean-field VI from the MAP. (p,) float64. ``cache``:
+    a list shared with :func:`fit_meanfield`, so that a J that fits the budget is formed once."""
     f0, theta = lin.forward(x).to(F64), lin.theta.to(F64)
     diag = torch.full_like(theta, lam)
-    for s, J in _jacobian_chunks(lin, x):
+    for s, J in _jacobian_chunks(lin, x, cache):
         f = f0[s] + J @ (w - theta)
         Q, ev = lik._factors(f, y[s])
         B = torch.einsum("ckm,ckp->cmp", Q * ev.clamp_min(0).sqrt()[:, None, :], J)
@@ -93,6 +94,7 @@ def fit_meanfield(
     tol: float = 1e-7,
     seed: int = 0,
     callback: Callable[[dict], None] | None = None,
+    cache: list | None = None,
 ) -> VIResult:
     r"""Maximise the mean-field ELBO over (m, log s) by L-BFGS (see the module docstring).
 
@@ -102,6 +104,7 @@ def fit_meanfield(
         m_init, s_init: initial mean and standard deviations (p,).
         num_samples: S logit draws per point (fixed, ± pairs); max_iter, tol: see
             :func:`fntk.vi.run_lbfgs`; seed: seeds the draws; callback: per iteration.
+        cache: a list holding (or to hold) the whole J, shared with :func:`diagonal_laplace_scale`.
 
     Returns a :class:`~fntk.vi.VIResult` with ``mean`` = m and ``scale`` = s (both (p,)).
     """
@@ -111,7 +114,7 @@ def fit_meanfield(
     xi = antithetic_normals(n, num_samples, k, seed, theta.device)
     m = m_init.to(F64).clone().requires_grad_(True)
     log_s = torch.log(s_init.to(F64)).clone().requires_grad_(True)
-    cache: list = []
+    cache = [] if cache is None else cache
 
     def evaluate(need_grad: bool) -> Tensor:
         # chunk by chunk, backpropagating each chunk at once, so that autograd never holds more
