@@ -1,15 +1,15 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
-from fntk._validation import NotFittedError
+from fntk import ntk
 from fntk.classify import LinearizedClassifier
-from fntk.curvature import GGNOperator
+from fntk.errors import NotFittedError, NTKMemoryError, NumericalWarning
 from fntk.gp import NTKRegressor
-from fntk.linearize import Linearized, get_memory_budget, set_memory_budget
-from fntk.ntk import NTKMethod, ntk
-from fntk.operators import JacobianOperator, NTKOperator
+from fntk.linearize import Linearized
+from fntk.ntk import NTKMethod
+from fntk.operators import GGNOperator, JacobianOperator, NTKOperator
 from fntk.persist import load
-
-__version__ = "0.1.0"
+from fntk.settings import get_memory_budget, set_memory_budget
+from fntk.version import __version__
 
 __all__ = [
     "Linearized",
@@ -21,6 +21,8 @@ __all__ = [
     "GGNOperator",
     "LinearizedClassifier",
     "NotFittedError",
+    "NTKMemoryError",
+    "NumericalWarning",
     "get_memory_budget",
     "set_memory_budget",
     "load",

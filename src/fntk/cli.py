@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fntk import distributed
+from fntk import distributed, experiments
+from fntk.experiments import EXPERIMENTS
+from fntk.experiments.common import RunConfig
 
 
 def _config(args: argparse.Namespace):
-    from fntk.experiments.common import RunConfig
-
     out = Path(args.out) if args.out else Path("results") / args.experiment
     data = Path(args.data) if args.data else None
     return RunConfig(out=out, data=data, seed=args.seed, quick=args.quick)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fntk import experiments
-
     module = experiments.load(args.experiment)
     module.run(_config(args))
     return 0
@@ -47,8 +45,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fntk.experiments import EXPERIMENTS
-
     parser = argparse.ArgumentParser(
         prog="fntk", description="Analytic transfer through linearized networks."
     )

@@ -8,8 +8,13 @@ so loading never unpickles code)::
 ``meta`` is human-readable: fntk version, class, hyperparameters, the parameter selection, the
 model's parameter names and shapes, and sha256 hashes of θ̂ (the selected parameters) and of the
 whole model (parameters and buffers). ``state`` is the fitted object's attributes encoded as JSON,
-with tensors referenced by key into ``tensors``; only fntk's own classes are rebuilt from it (by
-``__new__`` and attribute assignment, never by running code from the file). The
+with tensors referenced by key into ``tensors``. Every class whose objects may appear in a state
+is registered here under a stable *kind* name (:func:`register`, independent of where the class
+lives in the package); only registered classes are rebuilt (by ``__new__`` and attribute
+assignment, never by running code from the file), and saving any other object is refused. A
+class exports its own state with ``__fntk_state__()`` (default: its attributes) and rebuilds what
+cannot be stored (operators, generators) in ``__fntk_restore__()``. Files of format 1 (fntk 0.1.0,
+which named classes by module path) are read through a table of those paths. The
 :class:`~fntk.Linearized` is not stored: :func:`load` rebuilds it from the model you pass, after
 checking that the model's parameter names, shapes and values hash to what was saved. Because the
 fitted factorisations themselves are stored, predictions after a round trip are bitwise identical.
@@ -21,21 +26,72 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import importlib
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from fntk.likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Poisson
 from fntk.linearize import Linearized
+from fntk.ntk import NTKMethod
+from fntk.version import __version__
 
 FORMAT = "fntk-adapter"
-FORMAT_VERSION = 1
-CLASSES = ("fntk.gp.regressor:NTKRegressor", "fntk.classify:LinearizedClassifier")
+FORMAT_VERSION = 2
+#: the kinds of the top-level objects that save/load
+CLASSES = ("NTKRegressor", "LinearizedClassifier")
 # Linearized attributes found from data (restored onto the rebuilt Linearized)
 _LIN_STATE = ("_k", "_feature_shape", "_act_per_example", "_budget")
+
+_KINDS: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register(kind: str) -> Callable[[T], T]:
+    """Class decorator: objects of the class may be stored in a saved state under ``kind``."""
+
+    def deco(cls: T) -> T:
+        if _KINDS.get(kind, cls) is not cls:
+            raise ValueError(f"persist: kind {kind!r} is already registered for {_KINDS[kind].__name__}")
+        _KINDS[kind] = cls
+        cls.__fntk_kind__ = kind
+        return cls
+
+    return deco
+
+
+for _cls in (Gaussian, HeteroscedasticGaussian, Categorical, Bernoulli, Poisson, NTKMethod):
+    register(f"{_cls.__module__.split('.')[1]}.{_cls.__name__}")(_cls)
+
+#: format 1 (fntk 0.1.0) named classes by module path: path → kind (None: rebuilt on restore)
+_FORMAT1 = {
+    "fntk.gp.regressor:NTKRegressor": "NTKRegressor",
+    "fntk.classify:LinearizedClassifier": "LinearizedClassifier",
+    "fntk.gp._solvers:DenseFunction": "gp.DenseFunction",
+    "fntk.gp._solvers:DenseWeight": "gp.DenseWeight",
+    "fntk.gp._solvers:Factor": "gp.Factor",
+    "fntk.gp._solvers:Hyper": "gp.Hyper",
+    "fntk.gp._iterative:Iterative": "gp.Iterative",
+    "fntk.gp._iterative:IterativeOptions": "gp.IterativeOptions",
+    "fntk.gp._iterative:Krylov": "gp.Krylov",
+    "fntk.laplace.function_space:FunctionSpace": "classify.FunctionSpace",
+    "fntk.laplace.weight_space:WeightSpace": "classify.WeightSpace",
+    "fntk.laplace.newton:Terms": "classify.Terms",
+    "fntk.laplace.newton:FitInfo": "classify.FitInfo",
+    "fntk.laplace.marglik:MarglikInfo": "classify.MarglikInfo",
+    "fntk.vi:VIResult": "classify.VIResult",
+    "fntk.likelihoods:Gaussian": "likelihoods.Gaussian",
+    "fntk.likelihoods:HeteroscedasticGaussian": "likelihoods.HeteroscedasticGaussian",
+    "fntk.likelihoods:Categorical": "likelihoods.Categorical",
+    "fntk.likelihoods:Bernoulli": "likelihoods.Bernoulli",
+    "fntk.likelihoods:Poisson": "likelihoods.Poisson",
+    "fntk.ntk.methods:NTKMethod": "ntk.NTKMethod",
+    "fntk.operators:NTKOperator": None,
+    "fntk.curvature:GGNOperator": None,
+}
 
 
 # ---------------------------------------------------------------------------------------- hashing
@@ -87,7 +143,7 @@ class _Encoder:
         if isinstance(obj, torch.device):
             return {"__device": str(obj)}
         if isinstance(obj, enum.Enum):
-            return {"__enum": _qualname(type(obj)), "value": self(obj.value)}
+            return {"__enum": _kind(type(obj)), "value": self(obj.value)}
         if isinstance(obj, list):
             return {"__list": [self(v) for v in obj]}
         if isinstance(obj, tuple):  # includes torch.Size
@@ -96,32 +152,38 @@ class _Encoder:
             return {"__frozenset": [self(v) for v in sorted(obj, key=repr)]}
         if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
             return {"__dict": {k: self(v) for k, v in obj.items()}}
-        if _allowed(type(obj)) and hasattr(obj, "__dict__"):
-            return {"__obj": _qualname(type(obj)), "state": {k: self(v) for k, v in vars(obj).items()}}
-        return {"__skip": type(obj).__name__}  # callables, generators, operators: rebuilt on load
+        kind = _kind(type(obj))
+        state = obj.__fntk_state__() if hasattr(obj, "__fntk_state__") else vars(obj)
+        return {"__obj": kind, "state": {k: self(v) for k, v in state.items()}}
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _kind(cls: type) -> str:
+    kind = cls.__dict__.get("__fntk_kind__")
+    if kind is None or _KINDS.get(kind) is not cls:
+        raise TypeError(
+            f"save: cannot store an object of type {cls.__module__}.{cls.__qualname__} (not a registered "
+            "fntk state class); this adapter holds something fntk cannot save"
+        )
+    return kind
 
 
-def _allowed(cls: type) -> bool:
-    return cls.__module__.startswith("fntk.") and not issubclass(cls, Linearized)
-
-
-def _resolve(name: str) -> type:
-    mod, _, qual = name.partition(":")
-    if not mod.startswith("fntk.") or "." in qual:
-        raise ValueError(f"class {name!r} is not one of fntk's")
-    cls = getattr(importlib.import_module(mod), qual, None)
-    if not isinstance(cls, type) or not _allowed(cls):
+def _resolve(name: str, version: int) -> type | None:
+    """The registered class of a kind (format 2) or module path (format 1); None: rebuilt later."""
+    if version < 2:
+        if name not in _FORMAT1:
+            raise ValueError(f"class {name!r} is not one of fntk's")
+        name = _FORMAT1[name]
+        if name is None:
+            return None
+    cls = _KINDS.get(name)
+    if cls is None:
         raise ValueError(f"class {name!r} is not one of fntk's")
     return cls
 
 
 class _Decoder:
-    def __init__(self, lin: Linearized, tensors: dict[str, Tensor]):
-        self.lin, self.tensors = lin, tensors
+    def __init__(self, lin: Linearized, tensors: dict[str, Tensor], version: int):
+        self.lin, self.tensors, self.version = lin, tensors, version
         self.objects: list[Any] = []
 
     def __call__(self, enc: Any) -> Any:  # noqa: C901
@@ -143,7 +205,10 @@ class _Decoder:
         if "__device" in enc:
             return torch.device(enc["__device"])
         if "__enum" in enc:
-            return _resolve(enc["__enum"])(self(enc["value"]))
+            cls = _resolve(enc["__enum"], self.version)
+            if cls is None or not issubclass(cls, enum.Enum):
+                raise ValueError(f"{enc['__enum']!r} is not one of fntk's enums")
+            return cls(self(enc["value"]))
         if "__list" in enc:
             return [self(v) for v in enc["__list"]]
         if "__tuple" in enc:
@@ -155,26 +220,15 @@ class _Decoder:
         if "__skip" in enc:
             return None
         if "__obj" in enc:
-            cls = _resolve(enc["__obj"])
+            cls = _resolve(enc["__obj"], self.version)
+            if cls is None:  # an operator of format 1: rebuilt by its owner's __fntk_restore__
+                return None
             obj = cls.__new__(cls)
             state = {k: self(v) for k, v in enc["state"].items()}
             obj.__dict__.update(state)
             self.objects.append(obj)
             return obj
         raise ValueError(f"unexpected entry {str(enc)[:80]!r}")
-
-
-def _fix_iterative(obj: Any) -> None:
-    """Rebuild what the matrix-free GP state holds but cannot store: operators and its generator."""
-    from fntk.gp import _gram
-
-    lin, x = obj.lin, obj.x
-    mk = _gram.ntk_operator if obj.space == "function" else _gram.weight_gram_operator
-    obj.ops = [mk(lin, x, c) for c in obj.outputs]
-    obj.gen = torch.Generator().manual_seed(obj.opts.seed)
-
-
-_FIXUPS = {"fntk.gp._iterative:Iterative": _fix_iterative}
 
 
 # -------------------------------------------------------------------------------------- save/load
@@ -197,7 +251,7 @@ def _hyperparameters(obj: Any) -> dict[str, Any]:
 
 def save(obj: Any, path: str | os.PathLike) -> None:
     """Write a fitted NTKRegressor or LinearizedClassifier to ``path`` (see the module doc)."""
-    qual = _qualname(type(obj))
+    qual = type(obj).__dict__.get("__fntk_kind__")
     if qual not in CLASSES:
         raise TypeError(
             f"save: expected a fitted NTKRegressor or LinearizedClassifier, got {type(obj).__name__}"
@@ -210,8 +264,6 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     theta_hash, _ = model_hashes(lin, module)
     enc = _Encoder(lin)
     state = enc(obj)
-    from fntk import __version__
-
     meta = {
         "fntk_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -266,11 +318,10 @@ def _read(path: str | os.PathLike) -> tuple[dict, Any, dict[str, Tensor]]:
         meta, state = json.loads(meta), json.loads(state)
     except json.JSONDecodeError as err:
         raise ValueError(f"fntk.load: {path!r} has corrupt JSON metadata: {err}") from err
-    if (
-        not isinstance(meta, dict)
-        or meta.get("class") not in CLASSES
-        or not isinstance(meta.get("params"), list)
-    ):
+    if not isinstance(meta, dict) or not isinstance(meta.get("params"), list):
+        raise bad
+    meta["class"] = _class_kind(meta.get("class"), int(meta.get("format_version", 0)))
+    if meta["class"] not in CLASSES:
         raise bad
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(
@@ -278,6 +329,11 @@ def _read(path: str | os.PathLike) -> tuple[dict, Any, dict[str, Tensor]]:
             f"{meta.get('format_version')}); this fntk reads format {FORMAT_VERSION}"
         )
     return meta, state, tensors
+
+
+def _class_kind(name: Any, version: int) -> Any:
+    """The kind of a file's top-level class (format 1 wrote its module path)."""
+    return _FORMAT1.get(name, name) if version < 2 else name
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> Any:
@@ -317,21 +373,21 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
         on_dev = set(meta.get("on_model_device", []))
         tensors = {k: (t.to(lin.device) if k in on_dev else t) for k, t in tensors.items()}
     try:
-        dec = _Decoder(lin, tensors)
+        dec = _Decoder(lin, tensors, int(meta.get("format_version", 0)))
         for k, v in dec(meta.get("linearized", {"__dict": {}})).items():
             setattr(lin, k, v)
         obj = dec(state)
         for o in dec.objects:
-            fix = _FIXUPS.get(_qualname(type(o)))
-            if fix is not None:
-                fix(o)
+            restore = getattr(o, "__fntk_restore__", None)
+            if restore is not None:
+                restore()
     except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(
             f"fntk.load: {p!r} holds a malformed fitted state: {type(err).__name__}: {err}"
         ) from err
-    if _qualname(type(obj)) != meta["class"]:
+    if type(obj).__dict__.get("__fntk_kind__") != meta["class"]:
         raise ValueError(f"fntk.load: {p!r} holds a {type(obj).__name__}, expected {meta['class']}")
     return obj
 
 
-__all__ = ["save", "load", "read_metadata", "tensor_hash"]
+__all__ = ["save", "load", "read_metadata", "tensor_hash", "register"]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fntk import distributed
+from fntk import baselines, distributed
+from fntk.data.nets import heteroscedastic_nll
 
 
 @dataclass
@@ -242,9 +243,6 @@ def train_heteroscedastic_source(
 ) -> torch.nn.Module:
     """``net`` (a mean + raw-variance head) trained on ``data["x_source"], data["y_source"]`` by the
     heteroscedastic Gaussian NLL with Adam, with a progress bar; cached under ``key``; eval mode."""
-    from fntk import baselines
-    from fntk.data.nets import heteroscedastic_nll
-
     def train() -> torch.nn.Module:
         bar = TrainingBar(f"{label} source net seed {seed}", epochs)
         trained = baselines.finetune(

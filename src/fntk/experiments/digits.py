@@ -20,13 +20,13 @@ Methods (k = 10 logits, n = m labelled points):
 - ``map_{last,all}``: the MAP of the same fit, plug-in softmax predictive (identical to
   ``inference="map"`` with the evidence-chosen λ, without fitting twice).
 - ``vi_{last,all}``: ``inference="vi"`` at the Laplace fit's λ (rank-128 subspace, Monte Carlo
-  predictive). Kernels are shared between the Laplace and VI fits (:func:`fntk.laplace.cached_kernels`).
+  predictive). Kernels are shared between the Laplace and VI fits (:func:`fntk.ntk.cached_kernels`).
 
 Metrics on the test images: accuracy, NLL, ECE (15 bins), Brier; mean ± std over seeds. Seconds:
 fit + predict per method (``map`` shares the Laplace fit; ``vi`` excludes the λ search). The test
 set is drawn once per (target, seed) and shared by every m (for ``load_digits``: held out from the
 largest labelled set; the labelled sets are nested in m), so the NTK of [largest labelled set;
-test set] is computed once per (target, seed) (:func:`fntk.laplace.kernel_pool`, its time in
+test set] is computed once per (target, seed) (:func:`fntk.ntk.kernel_pool`, its time in
 ``kernel_pool_seconds``, not in the per-method seconds).
 Figure: accuracy and NLL against m for both targets.
 """
@@ -54,8 +54,8 @@ from fntk.experiments.common import (
     summarize,
     write_results,
 )
-from fntk.laplace import cached_kernels, kernel_pool
 from fntk.linearize import Linearized
+from fntk.ntk import cached_kernels, kernel_pool
 
 ALL_METHODS = (
     "source",

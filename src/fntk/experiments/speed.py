@@ -1,7 +1,7 @@
 """Speed: fntk's kernels, products and GP inference as ratios against in-process baselines.
 
-Runs the studies of the source checkout's ``benchmarks/`` scripts through their functions (they
-are not part of the installed package; this module finds the folder next to ``src/``):
+Runs the studies of the benchmark scripts (the ``fntk_bench`` package, installed with fntk from
+the source checkout's ``benchmarks/fntk_bench``) through their functions:
 
 - ``products`` (``bench_products.run``): one NTK-vector product ``NTKOperator @ V`` against the
   paper code's column-by-column double-backward loop; ratio = paper / ours.
@@ -20,10 +20,8 @@ does); results go to ``cfg.out``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +41,9 @@ from fntk.experiments.common import (
     save_figure,
     say,
 )
+from fntk_bench import bench_curvature, bench_gp, bench_ntk, bench_products
 
 METRICS = ("seconds", "ratio")
-BENCH_MODULES = ("bench_products", "bench_ntk", "bench_curvature", "bench_gp")
 QUICK = {"products_n": 300, "ntk_n": (100,), "curvature": {"mlp": 100}, "gp_n": (300,),
          "gp_widths": (50,), "cap": 10.0, "repeats": 1, "quick": True}
 FULL = {"products_n": 2000, "ntk_n": (500, 2000), "curvature": {"mlp": 2000, "cnn": 500},
@@ -53,25 +51,10 @@ FULL = {"products_n": 2000, "ntk_n": (500, 2000), "curvature": {"mlp": 2000, "cn
         "quick": False}
 
 
-def benchmarks_dir() -> Path:
-    """The source checkout's ``benchmarks/`` folder (next to ``src/``); FileNotFoundError if absent."""
-    here = Path(__file__).resolve()
-    folder = here.parents[3] / "benchmarks"
-    missing = [m for m in BENCH_MODULES if not (folder / f"{m}.py").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the speed study needs the source checkout's benchmarks/ folder: expected {folder} with "
-            f"{', '.join(m + '.py' for m in missing)} (install fntk from a git checkout with pip install -e)"
-        )
-    return folder
-
-
 def load_benchmarks() -> dict[str, ModuleType]:
-    """Import the benchmark scripts as modules (their folder goes on ``sys.path``)."""
-    folder = str(benchmarks_dir())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return {name: importlib.import_module(name) for name in BENCH_MODULES}
+    """The benchmark modules by name."""
+    return {"bench_products": bench_products, "bench_ntk": bench_ntk, "bench_curvature": bench_curvature,
+            "bench_gp": bench_gp}
 
 
 def _call(fn: Callable, *args: Any, **optional: Any) -> Any:

@@ -39,12 +39,14 @@ from linear_operator.operators import (
     LinearOperator,
     RootLinearOperator,
 )
-from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
-from fntk.gp import _gram, _plan
+from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized, ParamSelection
-from fntk.operators import NTKOperator, _check_output
+from fntk.operators import NTKOperator
+from fntk.operators.base import check_output
+from fntk.operators.gram import output_jacobian
+from fntk.settings import available_memory
 
 KERNEL_SPACES = ("auto", "function", "weight")
 
@@ -110,7 +112,7 @@ class NTKKernel(Kernel):
         return self.lin.check_input(x, name)
 
     def _output(self) -> int:
-        return int(_check_output(self.lin, self.output))
+        return int(check_output(self.lin, self.output))
 
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
@@ -129,7 +131,7 @@ class NTKKernel(Kernel):
                 raise ValueError(
                     f"diag=True needs x1 and x2 of equal length, got {a.shape[0]} and {b.shape[0]}"
                 )
-            Ja, Jb = _gram._jac(self.lin, a, [c])[0], _gram._jac(self.lin, b, [c])[0]
+            Ja, Jb = output_jacobian(self.lin, a, [c])[0], output_jacobian(self.lin, b, [c])[0]
             return (Ja * Jb).sum(-1)
         b = None if same else self._inputs(x2, "x2")
         return NTKOperator(self.lin, a, b, outputs=c, _checked=True)
@@ -175,7 +177,7 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
         elif kernel.space == "weight":
             self.weight_space = True
         else:
-            fits = 3 * p * p * 8 <= _plan.available_memory() // 2
+            fits = 3 * p * p * 8 <= available_memory() // 2
             self.weight_space = p < n and fits
         self._train_op = train_op
 
@@ -184,12 +186,12 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
     def weight_space_cache(self) -> tuple[Tensor, Tensor]:
         """(mean_cache (p,) = L⁻ᵀL⁻¹FᵀD⁻¹(y − μ)/√c, L (p × p) with LLᵀ = I + FᵀD⁻¹F), F = √c·J."""
         op, const = _unwrap(self.train_prior_dist.lazy_covariance_matrix)
-        J = _gram._jac(op.lin, op.x1, [op.outputs])[0].to(const.dtype)  # (n, p)
+        J = output_jacobian(op.lin, op.x1, [op.outputs])[0].to(const.dtype)  # (n, p)
         F = J * const.sqrt()
         noise = self.lik_train_train_covar._diag_tensor.diagonal(dim1=-1, dim2=-2)
         Fs = F / noise.sqrt()[:, None]
         eye = torch.eye(F.shape[1], dtype=F.dtype, device=F.device)
-        L = psd_safe_cholesky(eye + Fs.T @ Fs)
+        L = safe_cholesky(eye + Fs.T @ Fs, "I + FᵀD⁻¹F (NTK prediction in weight space)")
         resid = (self.train_labels - self.train_prior_dist.mean) / noise
         mean_cache = torch.cholesky_solve((F.T @ resid)[:, None], L)[:, 0]
         return mean_cache, L
@@ -203,7 +205,7 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
         if op is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         mean_cache, L = self.weight_space_cache
-        Fs = _gram._jac(op.lin, op.x1, [op.outputs])[0].to(const.dtype) * const.sqrt()  # (m, p)
+        Fs = output_jacobian(op.lin, op.x1, [op.outputs])[0].to(const.dtype) * const.sqrt()  # (m, p)
         mean = Fs @ mean_cache + test_mean
         root = torch.linalg.solve_triangular(L, Fs.T, upper=False).T  # (m, p)
         covar: LinearOperator = RootLinearOperator(root)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from linear_operator.utils.cholesky import psd_safe_cholesky
+from gpytorch.distributions import MultivariateNormal
 from torch import Tensor
+
+from fntk.linalg import safe_cholesky
 
 
 class NTKPosterior:
@@ -78,7 +80,7 @@ class NTKPosterior:
         if predictive:
             noise = torch.as_tensor(self.noise, dtype=C.dtype).reshape(-1, 1, 1)
             C = C + noise.to(C.device) * torch.eye(m, dtype=C.dtype, device=C.device)
-        L = psd_safe_cholesky(0.5 * (C + C.mT))
+        L = safe_cholesky(0.5 * (C + C.mT), "the posterior covariance")
         eps = torch.randn(C.shape[0], m, num_samples, dtype=C.dtype, generator=generator).to(C.device)
         draws = (L @ eps).permute(2, 1, 0)  # (s, m, k')
         draws = draws + (self.mean if multi else self.mean[:, None])
@@ -87,8 +89,6 @@ class NTKPosterior:
     def to_gpytorch(self):
         """The same posterior as a ``gpytorch.distributions.MultivariateNormal`` (single output)
         or a batch of them (k outputs: batch shape (k,), event shape (m,))."""
-        from gpytorch.distributions import MultivariateNormal
-
         mean = self.mean if self.mean.dim() == 1 else self.mean.T
         return MultivariateNormal(mean, self.covariance_matrix)
 

@@ -12,7 +12,7 @@ log N(y | m(X), s·J Jᵀ + σ²I). Internally y − f_c(X) is standardised; all
 
 Function space works with the n × n kernel, weight space with the p × p matrix JᵀJ (push-through
 identity; determinant lemma for the marginal likelihood); both are exact and agree. See
-:mod:`fntk.gp._solvers` for the maths and :mod:`fntk.gp._plan` for the automatic choice.
+:mod:`fntk.gp.dense` for the maths and :mod:`fntk.gp.plan` for the automatic choice.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from fntk._callbacks import Callback, check_callback, observe
-from fntk._validation import NotFittedError
-from fntk.gp import _iterative, _plan, _solvers
-from fntk.gp._solvers import F64, Hyper
+from fntk import persist
+from fntk.errors import NotFittedError
+from fntk.gp import dense, iterative, plan
+from fntk.gp.hyper import F64, Hyper, observe, optimize
 from fntk.gp.posterior import NTKPosterior
 from fntk.linearize import Linearized, ParamSelection
 from fntk.ntk import NTKMethod
+from fntk.validation import Callback, check_callback
 
 MEANS = ("network", "constant")
 HYPERPARAMETERS = ("scale", "noise", "constant")
@@ -44,6 +45,7 @@ def _positive(name: str, v: float | None) -> float | None:
     return float(v)
 
 
+@persist.register("NTKRegressor")
 class NTKRegressor:
     r"""Exact GP regression with the empirical NTK of a trained network (its linearization).
 
@@ -109,10 +111,10 @@ class NTKRegressor:
             self.lin = model
         else:
             self.lin = Linearized(model, params)
-        if space not in _plan.SPACES:
-            raise ValueError(f"space must be one of {_plan.SPACES}, got {space!r}")
-        if solver not in _plan.SOLVERS:
-            raise ValueError(f"solver must be one of {_plan.SOLVERS}, got {solver!r}")
+        if space not in plan.SPACES:
+            raise ValueError(f"space must be one of {plan.SPACES}, got {space!r}")
+        if solver not in plan.SOLVERS:
+            raise ValueError(f"solver must be one of {plan.SOLVERS}, got {solver!r}")
         if mean not in MEANS:
             raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
         try:
@@ -134,7 +136,7 @@ class NTKRegressor:
         if constant is not None and not (isinstance(constant, (int, float)) and math.isfinite(constant)):
             raise ValueError(f"constant must be a finite float or None, got {constant!r}")
         opts = dict(solver_options or {})
-        valid = tuple(_iterative.IterativeOptions.__dataclass_fields__)
+        valid = tuple(iterative.IterativeOptions.__dataclass_fields__)
         bad = sorted(set(opts) - set(valid))
         if bad:
             raise ValueError(f"solver_options: unknown key(s) {bad}; valid keys: {valid}")
@@ -142,7 +144,7 @@ class NTKRegressor:
         self.noise, self.scale = _positive("noise", noise), _positive("scale", scale)
         self.constant = None if constant is None else float(constant)
         self.learn = learn
-        self.options = _iterative.IterativeOptions(**opts)
+        self.options = iterative.IterativeOptions(**opts)
         self.memory_limit = memory_limit
         self._state = None
 
@@ -207,7 +209,7 @@ class NTKRegressor:
         z = ((resid - mu) / sd).T.contiguous()  # (k', n)
 
         R = min(self.options.lanczos_iterations, n if self.space == "function" else lin.num_params)
-        pl = _plan.plan(
+        pl = plan.plan(
             lin,
             x,
             kk,
@@ -220,12 +222,12 @@ class NTKRegressor:
         )
         if pl.solver == "direct":
             st = (
-                _solvers.DenseFunction(lin, x, outputs, z, self.method)
+                dense.DenseFunction(lin, x, outputs, z, self.method)
                 if pl.space == "function"
-                else _solvers.DenseWeight(lin, x, outputs, z)
+                else dense.DenseWeight(lin, x, outputs, z)
             )
         else:
-            st = _iterative.Iterative(lin, x, outputs, z, pl.space, self.options)
+            st = iterative.Iterative(lin, x, outputs, z, pl.space, self.options)
 
         prior_scale = st.prior_scale().clamp_min(1e-300)
         init = Hyper(
@@ -237,7 +239,7 @@ class NTKRegressor:
             if self.constant is None
             else (sd.new_full((kk,), self.constant) - mu) / sd,
         )
-        h = _solvers.optimize(observe(st.objective(), callback), init, self.learn) if self.learn else init
+        h = optimize(observe(st.objective(), callback), init, self.learn) if self.learn else init
         st.condition(h)
         self._state, self._mu, self._sd, self._outputs_ = st, mu, sd, outputs
         self.space_, self.solver_, self.estimated_seconds_ = pl.space, pl.solver, pl.seconds
@@ -303,8 +305,6 @@ class NTKRegressor:
     def save(self, path: str) -> None:
         """Write the fitted regressor to ``path`` (tensors + JSON metadata; see :mod:`fntk.persist`).
         Reload with ``fntk.load(path, model)`` and the same, unchanged, model."""
-        from fntk import persist
-
         persist.save(self, path)
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """CONTRACTION: the NTK from explicit per-example Jacobians, in chunks of points.
 
-K[i,c,j,d] = Σ_p J[i,c,p] J[j,d,p]. Per-example Jacobians J(x_s) (b, k', p) come from a vmap over
-points of reverse-mode Jacobians of one-point batches (k' backward passes, batched); blocks of
+K[i,c,j,d] = Σ_p J[i,c,p] J[j,d,p]. Per-example Jacobians J(x_s) (b, k', p) come from the engine
+(:meth:`fntk.Linearized.per_example_jacobian`: k' backward passes, batched); blocks of
 them are contracted by one matrix product each. At most one row chunk of J(x1) and one column
 chunk of J(x2) (or all of J(x2) when it fits the budget) are held at a time.
 
@@ -11,48 +11,17 @@ Costs: about (n1 + n2) k' backward passes and 2 n1 n2 k'² p flops ("full"; k' f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import Tensor
-from torch.func import functional_call, jacrev, vmap
 
 from fntk.linearize import Linearized
-from fntk.ntk.common import ACT_FACTOR, Outputs, gram, plan_blocks, run_blocks
-
-
-def per_example_jacobian(
-    lin: Linearized, names: Sequence[str] | None = None, output: int | None = None, split: bool = False
-) -> Callable[[Tensor], Tensor | list[Tensor]]:
-    """x (b, ...) ↦ per-example Jacobian rows (b, k', p_sub) for the parameters ``names`` (all
-    selected ones when None, in ``lin.names`` order), of all k outputs or (k' = 1) of ``output``;
-    with ``split``, a list of the per-parameter blocks (b, k', p_i) instead (no concatenation)."""
-    names = list(lin.names) if names is None else [n for n in lin.names if n in set(names)]
-    module, fixed = lin.module, lin._fixed
-    theta = lin.theta_dict()
-    rest = {n: t for n, t in theta.items() if n not in set(names)}
-    sub = {n: theta[n] for n in names}
-
-    def f1(s: dict[str, Tensor], xi: Tensor) -> Tensor:
-        out = functional_call(module, {**fixed, **rest, **s}, (xi[None],)).reshape(-1)
-        return out if output is None else out[output : output + 1]
-
-    jac = vmap(jacrev(f1), in_dims=(None, 0))
-
-    def run(x: Tensor) -> Tensor:
-        d = jac(sub, x)
-        b = x.shape[0]
-        kk = 1 if output is not None else lin.num_outputs
-        parts = [d[n].reshape(b, kk, -1) for n in names]
-        return parts if split else torch.cat(parts, dim=-1)
-
-    return run
+from fntk.ntk.blocks import ACT_FACTOR, Outputs, gram, plan_blocks, run_blocks
 
 
 def jacobian_bytes(lin: Linearized, kk: int, p: int) -> tuple[float, float]:
     """(kept, transient) bytes per point of a per-example Jacobian chunk with k' rows of p."""
     item = torch.finfo(lin.dtype).bits // 8
-    act = lin._act_per_example or 1
+    act = lin.activation_numel
     return kk * p * item, (ACT_FACTOR * act * (1 + kk) + 2 * kk * p) * item
 
 
@@ -62,7 +31,7 @@ def contraction_ntk(
     """The canonical kernel (see :mod:`fntk.ntk.common`) by chunked Jacobian contraction."""
     n1, n2 = x1.shape[0], x2.shape[0]
     blocks = plan(lin, n1, n2, sym, spec, budget)
-    jac = per_example_jacobian(lin, None, spec.index, split=True)
+    jac = lin.per_example_jacobian(None, spec.index, split=True)
 
     def feats1(s: slice) -> list[Tensor]:
         return jac(x1[s])

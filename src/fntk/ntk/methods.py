@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from fntk import distributed
+from fntk.errors import NTKMemoryError
 from fntk.linearize import Linearized
 from fntk.ntk import contraction, products, structured
-from fntk.ntk.common import NTKMemoryError, Outputs, gib, pairs
+from fntk.ntk.blocks import Outputs, gib, pairs
 
 R_GEMM = 1.0e11  # flop/s of large matrix products (float64, measured on the development machine)
 R_AD = 2.0e10  # flop/s of vmapped forward/backward passes

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fntk.errors import NTKMemoryError
 from fntk.linearize import Linearized
-from fntk.ntk.common import ACT_FACTOR, NTKMemoryError, Outputs, chunks, gib, symmetrize
-from fntk.ntk.contraction import jacobian_bytes, per_example_jacobian
+from fntk.ntk.blocks import ACT_FACTOR, Outputs, chunks, gib, symmetrize, write_block
+from fntk.ntk.contraction import jacobian_bytes
 
 R_MAX = 256  # tangents per forward-mode pass
 
@@ -25,7 +26,7 @@ R_MAX = 256  # tangents per forward-mode pass
 def plan(lin: Linearized, n1: int, n2: int, spec: Outputs, budget: int) -> tuple[int, int]:
     """(b, rows): x2 points per column block, x1 points per forward-mode chunk, under ``budget``."""
     item = torch.finfo(lin.dtype).bits // 8
-    kk, k, act = spec.kk, lin.num_outputs, lin._act_per_example or 1
+    kk, k, act = spec.kk, lin.num_outputs, lin.activation_numel
     avail = budget - spec.nbytes(n1, n2, lin.dtype)
     kept, work = jacobian_bytes(lin, kk, lin.num_params)
     b = max(1, min(n2, R_MAX // kk))
@@ -53,25 +54,18 @@ def products_ntk(
     n1, n2, kk, p = x1.shape[0], x2.shape[0], spec.kk, lin.num_params
     b, rows = plan(lin, n1, n2, spec, budget)
     out = torch.empty(spec.shape(n1, n2), dtype=lin.dtype, device=lin.device)
-    jac = per_example_jacobian(lin, None, spec.index)
+    jac = lin.per_example_jacobian(None, spec.index)
     full = spec.mode == "full"
 
     def block(xs: Tensor, V: Tensor, nb: int) -> Tensor:
         """J(xs) V for V = J(x2[block])ᵀ (p, nb·k') → canonical block."""
-        Fo = lin._jvp_block(xs, V).reshape(xs.shape[0], lin.num_outputs, nb, kk)
+        Fo = lin.jvp_block(xs, V).reshape(xs.shape[0], lin.num_outputs, nb, kk)
         if spec.index is not None:
             return Fo[:, spec.index : spec.index + 1]
         return Fo if full else Fo.diagonal(dim1=1, dim2=3).permute(2, 0, 1)
 
     def put(s1: slice, s2: slice, blk: Tensor, mirror: bool) -> None:
-        if full:
-            out[s1, :, s2, :] = blk
-            if mirror:
-                out[s2, :, s1, :] = blk.permute(2, 3, 0, 1)
-        else:
-            out[:, s1, s2] = blk
-            if mirror:
-                out[:, s2, s1] = blk.transpose(1, 2)
+        write_block(out, blk, s1, s2, spec.mode, mirror)
 
     for s2 in chunks(n2, b):
         nb = s2.stop - s2.start

@@ -17,7 +17,7 @@ running statistics), LayerNorm and GroupNorm (explicit: ∂f/∂γ = Σ G ⊙ x�
 
 Activations a and gradients G come from one forward pass of the private eval-mode copy
 ``lin.module`` (temporary forward hooks, removed in ``finally``) and one backward pass batched
-(vmapped) over the k' one-hot output cotangents (:mod:`fntk.ntk.layers`). Parameters of other
+(vmapped) over the k' one-hot output cotangents (:mod:`fntk.linearize.taps`). Parameters of other
 module types, parameters shared by several modules or of a module called more than once (tying),
 and modules whose inputs are not point-major, fall back to exact per-example Jacobian contraction
 for just those parameters; their Jacobian rows join the explicit features.
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from fntk.linearize import Linearized
-from fntk.ntk.common import ACT_FACTOR, Blocks, Outputs, chunks, gram, pairs, plan_blocks, run_blocks
-from fntk.ntk.contraction import jacobian_bytes, per_example_jacobian
-from fntk.ntk.layers import Analysis, Layer, analyze, features
+from fntk.linearize.taps import Analysis, Layer, analyze, features
+from fntk.ntk.blocks import ACT_FACTOR, Blocks, Outputs, chunks, gram, pairs, plan_blocks, run_blocks
+from fntk.ntk.contraction import jacobian_bytes
 
 __all__ = ["analyze", "choose_modes", "features", "plan", "structured_ntk"]
 
@@ -78,20 +78,25 @@ class StructuredPlan:
 
 
 def plan(
-    lin: Linearized, an: Analysis, n1: int, n2: int, sym: bool, spec: Outputs, budget: int
+    lin: Linearized, an: Analysis, n1: int, n2: int, sym: bool, spec: Outputs, budget: int,
+    force: str | None = None,
 ) -> StructuredPlan:
     """Per-layer forms, block sizes under ``budget`` bytes (the output included) and cost estimate.
 
     Kept per point: k'·q numbers per explicit layer, S·d_in + k'·S·d_out per factored layer, k'·p
     per fallback parameter; transient per point: the forward/backward activations (about
     ACT_FACTOR·act·(1 + k')); per pair of points: the Gram blocks (k'² or k' numbers per layer).
+    ``force``: "kron" (every layer that can) or "explicit" instead of the cost model's choice.
     Raises NTKMemoryError when not even one point per block fits.
     """
     item = torch.finfo(lin.dtype).bits // 8
-    kk, act = spec.kk, lin._act_per_example or 1
+    kk, act = spec.kk, lin.activation_numel
     avail = budget - spec.nbytes(n1, n2, lin.dtype)
     limit = max(avail / 4, 0)
-    modes = choose_modes(an, n1, n2, sym, spec, limit)
+    if force is None:
+        modes = choose_modes(an, n1, n2, sym, spec, limit)
+    else:
+        modes = ["kron" if force == "kron" and L.can_kron() else "explicit" for L in an.layers]
     has_big = any(m == "kron" and L.S > 1 for L, m in zip(an.layers, modes))
     kpair = kk * kk if spec.mode == "full" else kk
     kept = kk * an.p_fallback * item
@@ -115,14 +120,16 @@ def plan(
 
 # ---------------------------------------------------------------------------------- the kernel
 def structured_ntk(
-    lin: Linearized, x1: Tensor, x2: Tensor, sym: bool, spec: Outputs, budget: int
+    lin: Linearized, x1: Tensor, x2: Tensor, sym: bool, spec: Outputs, budget: int,
+    force: str | None = None,
 ) -> Tensor:
-    """The canonical kernel (see :mod:`fntk.ntk.common`) from per-layer factors."""
+    """The canonical kernel (see :mod:`fntk.ntk.blocks`) from per-layer factors; ``force`` as in
+    :func:`plan` (both per-layer forms are exact)."""
     an = analyze(lin, x1)
     n1, n2 = x1.shape[0], x2.shape[0]
-    pl = plan(lin, an, n1, n2, sym, spec, budget)
+    pl = plan(lin, an, n1, n2, sym, spec, budget, force)
     kron = [L for L, m in zip(an.layers, pl.modes) if m == "kron"]
-    fb = per_example_jacobian(lin, an.fallback, spec.index) if an.fallback else None
+    fb = lin.per_example_jacobian(an.fallback, spec.index) if an.fallback else None
     dd = (lin.dtype, lin.device)
 
     def gram_fn(F1: list[Tensor], F2: list[Tensor]) -> Tensor:

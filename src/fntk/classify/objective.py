@@ -1,0 +1,118 @@
+"""The objective shared by the MAP/Laplace backends: likelihood terms, the prior mean function, the
+Armijo line search, fit records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+from fntk import persist
+from fntk.likelihoods import Likelihood
+from fntk.linalg import lanczos_root, safe_cholesky
+from fntk.linearize import Linearized
+
+F64 = torch.float64
+
+
+@persist.register("classify.Terms")
+class Terms:
+    """ℓ(f) = Σ_i nll_i, its gradient g (n, k) and the Hessian root L (n, k, m) at f (n, k)."""
+
+    def __init__(self, lik: Likelihood, f: Tensor, y: Tensor, factors: bool = True):
+        self.f = f
+        self.value = float(lik.pure_nll(f, y).sum())
+        self.g = grad(lambda ff: lik.pure_nll(ff, y).sum())(f)
+        if factors:  # first-order solvers (L-BFGS) need only the value and g
+            Q, ev = lik.pure_factors(f, y)
+            self.L = Q * ev.clamp_min(0).sqrt()[:, None, :]
+
+
+def nll_sum(lik: Likelihood, f: Tensor, y: Tensor) -> float:
+    return float(lik.pure_nll(f, y).sum())
+
+
+def line_search(
+    lik: Likelihood,
+    y: Tensor,
+    f: Tensor,
+    df: Tensor,
+    prior: Callable[[float], float],
+    slope: float,
+    start: float,
+) -> tuple[float, float, bool]:
+    """Armijo backtracking on t ↦ ℓ(f + t df) + prior(t) from t = 1: (t, new value, accepted)."""
+    t = 1.0
+    for _ in range(40):
+        val = nll_sum(lik, f + t * df, y) + prior(t)
+        if math.isfinite(val) and val <= start + 1e-4 * t * slope:
+            return t, val, True
+        t *= 0.5
+    return 0.0, start, False
+
+
+@persist.register("classify.FitInfo")
+@dataclass
+class FitInfo:
+    """How the MAP solve ended: ``converged`` when ‖∇_w Ψ‖ ≤ tol."""
+
+    converged: bool = False
+    n_iter: int = 0
+    grad_norm: float = float("inf")
+    objective: float = float("nan")
+    history: list = field(default_factory=list)
+
+
+def lower_solve(R: Tensor, B: Tensor) -> Tensor:
+    return torch.linalg.solve_triangular(R, B, upper=False)
+
+
+def eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def chol(A: Tensor) -> Tensor:
+    """Cholesky with a tiny escalating jitter (warned, with the amount) for matrices that are PD
+    only up to rounding; see :func:`fntk.linalg.safe_cholesky`."""
+    return safe_cholesky(A, "the Laplace precision matrix", start=1e-12, tries=10)
+
+
+def notify(backend: object, step: int, objective: float, grad_norm: float) -> None:
+    """Call the user's per-Newton-step callback (``LinearizedClassifier.fit(callback=...)``)."""
+    cb = getattr(backend, "callback", None)
+    if cb is not None:
+        cb({"stage": "map", "step": step, "objective": objective, "grad_norm": grad_norm})
+
+
+def top_eig(K: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Top-r eigenpairs (descending) of a symmetric PSD K, dropping numerically null ones: dense
+    ``eigh`` for N ≤ 3000, else Lanczos (:func:`~fntk.linalg.lanczos_root`)."""
+    N = K.shape[0]
+    r = min(r, N)
+    if N <= 3000 or r > N // 4:
+        e, Q = torch.linalg.eigh(K)
+        e, Q = e.flip(0)[:r], Q.flip(1)[:, :r]
+    else:
+        e, Q = lanczos_root(K, r, num_iter=min(N, 2 * r + 50))
+    keep = e > 1e-10 * e[0].clamp_min(1e-300)
+    return e[keep], Q[:, keep]
+
+
+def hessian_derivative(b, df: Tensor) -> Tensor:
+    """DH_i[df_i]: the directional derivative (n, k, k) of the likelihood Hessians at f* along df
+    = J dw*/dλ (torch.func.jvp of the likelihood's Hessian)."""
+    lik, y = b.lik, b.y
+    return jvp(lambda f: lik.pure_hessian(f, y), (b.f_star,), (df,))[1]
+
+
+def prior_mean_function(lin: Linearized, x: Tensor, mu0: Tensor | None) -> Tensor:
+    """m₀(x) = f(x; θ̂) + J(x)(μ₀ − θ̂): (n, k) float64 (μ₀ = None means μ₀ = θ̂)."""
+    f = lin.forward(x).to(F64)
+    if mu0 is None:
+        return f
+    d = (mu0 - lin.theta.to(F64)).to(lin.dtype)
+    return f + lin.jvp_mat(x, d[:, None])[..., 0].to(F64)

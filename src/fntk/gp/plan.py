@@ -1,0 +1,97 @@
+"""Choosing function space or weight space, direct or iterative, from n, p and a cost model.
+
+Estimated seconds, with fntk.ntk's rates (R_GEMM for matrix products and LAPACK, R_AD for
+forward/backward passes) and its kernel-time estimates; F = forward multiply-adds per point,
+n points, p parameters, k' outputs, m = 50 test points:
+
+- function, direct: the n × n kernel (and the m × n cross kernel) by ``fntk.ntk`` (structured
+  per-layer Grams for Linear/Conv/...: never p per entry), Cholesky n³/3 (eigh ≈ 25× that when
+  hyperparameters are learned), triangular solves n²m; memory ≈ 3 n² doubles per output.
+- weight, direct: per-example Jacobian rows (one forward and k' backward passes per point),
+  JᵀJ accumulated (2np² flops), Cholesky p³/3 (eigh ≈ 25×), J* solves p²m; memory ≈ 3 p² doubles.
+- iterative (vectors in the smaller space, min(n, p); the products cost the same in both):
+  each J(Jᵀ·) or Jᵀ(J·) column costs ≈ 10·F flops per point (a forward-mode jvp ≈ 4F per tangent,
+  a vjp ≈ F + 2F per cotangent) over R Lanczos steps (× (4 + probes) columns when learning),
+  ≥ 11 CG steps (linear_operator's minimum) and, in function space, the R-column root Jᵀ U;
+  plus a fixed overhead per batched call (Python, vmap) that dominates for small networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fntk.linearize import Linearized
+from fntk.linearize.taps import analyze
+from fntk.ntk import cache
+from fntk.ntk.methods import R_AD, R_GEMM
+from fntk.ntk.structured import ELEM
+from fntk.settings import available_memory
+
+SPACES = ("auto", "function", "weight")
+SOLVERS = ("auto", "direct", "iterative")
+EIGH_FACTOR = 25.0  # eigh with eigenvectors / Cholesky, measured (MKL, float64, n = 500…2000)
+CG_STEPS = 30  # typical deflation-preconditioned CG steps (linear_operator runs at least 11)
+CALL = 2e-3  # seconds of Python/vmap overhead per batched product call, per parameterised layer
+
+
+@dataclass
+class Plan:
+    space: str
+    solver: str
+    seconds: dict[str, float]  # estimated fit + predict(50 points) time of each strategy
+
+
+def estimate(
+    lin: Linearized, x: Tensor, kk: int, learn: bool, R: int, probes: int, m: int = 50
+) -> dict[str, float]:
+    """Estimated seconds of the three strategies (see the module docstring) on checked inputs x."""
+    n, p = x.shape[0], lin.num_params
+    F = analyze(lin, x).flops
+    fact = EIGH_FACTOR if learn else 1.0
+    xs = x[: min(m, n)]
+    function = (
+        cache.output_kernel_seconds(lin, x, None, kk)
+        + cache.output_kernel_seconds(lin, x, xs, kk)
+        + kk * (fact * n**3 / 3 + n * n * m) / R_GEMM
+    )
+    jac_rows = (n + m) * 2 * F * (1 + 2 * kk) / R_AD + (n + m) * 2 * ELEM * kk * p / R_GEMM
+    weight = jac_rows + kk * (2.0 * n * p * p + fact * p**3 / 3 + 2.0 * m * p * p) / R_GEMM
+    column = 10.0 * F * n / R_AD
+    calls = R + CG_STEPS + 1
+    columns = R * (1 + (3 + probes if learn else 0)) + CG_STEPS + (R + 1 if n <= p else 0)
+    layers = max(1, len(analyze(lin, x).layers))
+    iterative = kk * (columns * column + calls * CALL * layers) + jac_rows
+    return {"function": function, "weight": weight, "iterative": iterative}
+
+
+def plan(
+    lin: Linearized,
+    x: Tensor,
+    kk: int,
+    space: str,
+    solver: str,
+    learn: bool,
+    R: int,
+    probes: int,
+    memory_limit: int | None,
+) -> Plan:
+    """Pick (space, solver) among those allowed by ``space``/``solver`` and the memory limit."""
+    n, p = x.shape[0], lin.num_params
+    limit = memory_limit if memory_limit is not None else available_memory() // 2
+    t = estimate(lin, x, kk, learn, R, probes)
+    itemsize = torch.finfo(torch.float64).bits // 8
+    fits = {"function": 3 * kk * n * n * itemsize <= limit, "weight": 3 * kk * p * p * itemsize <= limit}
+    smaller = "function" if n <= p else "weight"
+    options: list[tuple[float, str, str]] = []
+    for sp in ("function", "weight"):
+        if space not in ("auto", sp):
+            continue
+        if solver == "direct" or (solver == "auto" and fits[sp]):
+            options.append((t[sp], sp, "direct"))
+        if solver in ("auto", "iterative") and (space == sp or sp == smaller):
+            options.append((t["iterative"] * (1.0 if sp == smaller else 1.05), sp, "iterative"))
+    _, sp, so = min(options)
+    return Plan(sp, so, t)
