@@ -4,7 +4,6 @@ of torch.distributions log-probabilities), and the approximate products against 
 import linear_operator
 import pytest
 import torch
-from test_likelihoods import data, fisher_reference, generic_for
 from torch import nn
 
 import fntk
@@ -13,6 +12,7 @@ from fntk.curvature import hutchinson_diagonal, lanczos_root
 from fntk.linearize.taps import analyze
 from fntk.operators import ggn_dense, ggn_diagonal
 
+from likelihood_reference import data, fisher_reference, generic_for
 from models import make
 from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_err
 

@@ -55,6 +55,7 @@ from fntk.classify.weight_space import WeightSpace
 from fntk.errors import NotFittedError
 from fntk.likelihoods import Bernoulli, Categorical, Likelihood
 from fntk.linearize import Linearized, ParamSelection
+from fntk.ntk.costs import cheapest, cholesky_seconds
 from fntk.validation import check_callback, choice, positive_int
 
 INFERENCES = ("map", "laplace", "vi")
@@ -217,8 +218,10 @@ class LinearizedClassifier:
         p, nk, budget = self.lin.num_params, n * k, self.lin.memory_budget
         fits_K = 4 * nk * nk * 8 <= 4 * budget
         space = self.space
-        if space == "auto":
-            space = "function" if (nk <= p and fits_K and self.solver == "newton") else "weight"
+        if space == "auto":  # one (n·k)³ or p³ factorisation per Newton step dominates either space
+            options = {"function": cholesky_seconds(nk) if fits_K and self.solver == "newton" else math.inf,
+                       "weight": cholesky_seconds(p)}
+            space = cheapest(options, "the classifier's space")
         if self.covariance == "auto":
             dense = p <= DENSE_MAX_PARAMS and nk * p * 8 <= budget
         else:

@@ -28,6 +28,8 @@ which costs O(n·p² + p³) instead of O(n³): chosen when p < n and the p × p 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from gpytorch.kernels import Kernel
 from gpytorch.lazy import LazyEvaluatedKernelTensor
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 
 from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized, ParamSelection
+from fntk.ntk.costs import cheapest, cholesky_seconds
 from fntk.operators import NTKOperator
 from fntk.operators.base import check_output
 from fntk.operators.gram import output_jacobian
@@ -178,7 +181,8 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
             self.weight_space = True
         else:
             fits = 3 * p * p * 8 <= available_memory() // 2
-            self.weight_space = p < n and fits
+            options = {"function": cholesky_seconds(n), "weight": cholesky_seconds(p) if fits else math.inf}
+            self.weight_space = cheapest(options, "the NTK prediction") == "weight"
         self._train_op = train_op
 
     @property

@@ -1,8 +1,8 @@
 """Choosing function space or weight space, direct or iterative, from n, p and a cost model.
 
-Estimated seconds, with fntk.ntk's rates (R_GEMM for matrix products and LAPACK, R_AD for
-forward/backward passes) and its kernel-time estimates; F = forward multiply-adds per point,
-n points, p parameters, k' outputs, m = 50 test points:
+Estimated seconds, with fntk's cost model (:mod:`fntk.ntk.costs`: R_GEMM for matrix products and
+LAPACK, R_AD for forward/backward passes) and fntk.ntk's kernel-time estimates; F = forward
+multiply-adds per point, n points, p parameters, k' outputs, m = 50 test points:
 
 - function, direct: the n × n kernel (and the m × n cross kernel) by ``fntk.ntk`` (structured
   per-layer Grams for Linear/Conv/...: never p per entry), Cholesky n³/3 (eigh ≈ 25× that when
@@ -26,8 +26,7 @@ from torch import Tensor
 from fntk.linearize import Linearized
 from fntk.linearize.taps import analyze
 from fntk.ntk import cache
-from fntk.ntk.methods import R_AD, R_GEMM
-from fntk.ntk.structured import ELEM
+from fntk.ntk.costs import ELEM, R_AD, R_GEMM, cheapest
 from fntk.settings import available_memory
 
 SPACES = ("auto", "function", "weight")
@@ -85,13 +84,13 @@ def plan(
     itemsize = torch.finfo(torch.float64).bits // 8
     fits = {"function": 3 * kk * n * n * itemsize <= limit, "weight": 3 * kk * p * p * itemsize <= limit}
     smaller = "function" if n <= p else "weight"
-    options: list[tuple[float, str, str]] = []
+    options: dict[tuple[str, str], float] = {}
     for sp in ("function", "weight"):
         if space not in ("auto", sp):
             continue
         if solver == "direct" or (solver == "auto" and fits[sp]):
-            options.append((t[sp], sp, "direct"))
+            options[(sp, "direct")] = t[sp]
         if solver in ("auto", "iterative") and (space == sp or sp == smaller):
-            options.append((t["iterative"] * (1.0 if sp == smaller else 1.05), sp, "iterative"))
-    _, sp, so = min(options)
+            options[(sp, "iterative")] = t["iterative"] * (1.0 if sp == smaller else 1.05)
+    sp, so = cheapest(options, "the GP fit")
     return Plan(sp, so, t)

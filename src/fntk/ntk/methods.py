@@ -1,9 +1,8 @@
 """``fntk.ntk``: the empirical NTK k(x, x') = J(x) J(x')ᵀ, its methods and the "auto" planner.
 
-The planner estimates each method's time from a cost model over n1, n2, k', p and the layer
-shapes (matrix-product flops at one rate, forward/backward-pass flops at a lower one, memory-bound
-element operations as ``ELEM`` flops each) under the memory budget, and picks the cheapest
-method whose smallest working set fits.
+The planner estimates each method's time from fntk's cost model (:mod:`fntk.ntk.costs`) over n1,
+n2, k', p and the layer shapes under the memory budget, and picks the cheapest method whose
+smallest working set fits.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from fntk.errors import NTKMemoryError
 from fntk.linearize import Linearized
 from fntk.ntk import contraction, products, structured
 from fntk.ntk.blocks import Outputs, gib, pairs
-
-R_GEMM = 1.0e11  # flop/s of large matrix products (float64, measured on the development machine)
-R_AD = 2.0e10  # flop/s of vmapped forward/backward passes
+from fntk.ntk.costs import ELEM, R_AD, R_GEMM, cheapest
 
 
 class NTKMethod(str, Enum):
@@ -51,13 +48,13 @@ def estimate(
         bl = contraction.plan(lin, n1, n2, sym, spec, budget)
         npairs = pairs(n1, n2, sym, bl.b1)
         passes = (n1 if sym else n1 + n2) + (0 if bl.cache2 else n2 * (math.ceil(n1 / bl.b1) - 1))
-        form = passes * 2 * structured.ELEM * kk * p
+        form = passes * 2 * ELEM * kk * p
         est[NTKMethod.CONTRACTION] = (2 * npairs * kp * p + form) / R_GEMM + passes * ad / R_AD
     except NTKMemoryError:
         est[NTKMethod.CONTRACTION] = math.inf
     try:
         products.plan(lin, n1, n2, spec, budget)
-        form = n2 * 2 * structured.ELEM * kk * p
+        form = n2 * 2 * ELEM * kk * p
         est[NTKMethod.PRODUCTS] = products.cost(lin, an.flops, n1, n2, sym, spec) / R_AD + form / R_GEMM
     except NTKMemoryError:
         est[NTKMethod.PRODUCTS] = math.inf
@@ -114,14 +111,14 @@ def _choose(
     lin: Linearized, x1: Tensor, x2: Tensor, sym: bool, spec: Outputs, budget: int
 ) -> tuple[NTKMethod, dict[NTKMethod, float]]:
     est = estimate(lin, x1, x2, sym, spec, budget)
-    best = min(est, key=est.get)
-    if math.isinf(est[best]):
+    try:
+        return cheapest(est, "the NTK"), est
+    except NTKMemoryError:
         raise NTKMemoryError(
             f"no NTK method fits the memory budget of {gib(budget)} beside the "
             f"{spec.shape(len(x1), len(x2))} result; raise memory_budget (argument, "
             "Linearized(memory_budget=...) or fntk.set_memory_budget)"
-        )
-    return best, est
+        ) from None
 
 
 _IMPL = {

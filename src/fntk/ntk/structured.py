@@ -35,10 +35,10 @@ from fntk.linearize import Linearized
 from fntk.linearize.taps import Analysis, Layer, analyze, features
 from fntk.ntk.blocks import ACT_FACTOR, Blocks, Outputs, chunks, gram, pairs, plan_blocks, run_blocks
 from fntk.ntk.contraction import jacobian_bytes
+from fntk.ntk.costs import ELEM
 
 __all__ = ["analyze", "choose_modes", "features", "plan", "structured_ntk"]
 
-ELEM = 30.0  # flop-equivalents of one memory-bound element operation (cost model)
 
 
 # ---------------------------------------------------------------------------------- cost model

@@ -15,7 +15,8 @@ from torch import Tensor
 from fntk.linearize import Linearized
 from fntk.linearize.taps import analyze
 from fntk.ntk import cache
-from fntk.ntk.methods import R_AD, choose_method
+from fntk.ntk.costs import cheapest, ntk_product_seconds
+from fntk.ntk.methods import choose_method
 from fntk.operators.base import LinOperator, as_columns, check_output, from_columns
 
 #: A dense kernel is formed (and cached) when its estimated cost is below this many products:
@@ -84,10 +85,9 @@ class NTKOperator(LinOperator):
             return False
         x2 = None if self.symmetric else self.x2
         _, est = choose_method(lin, self.x1, x2, self.outputs)
-        n1, n2 = self.x1.shape[0], self.x2.shape[0]
-        # one forward + r backward passes over x2, r forward-mode passes over x1 (≈ 2 units each)
-        product = 2 * analyze(lin, self.x1).flops * (n2 * (1 + 2 * r) + 2 * n1 * r) / R_AD
-        return min(est.values()) <= DENSE_REUSE * product
+        product = ntk_product_seconds(analyze(lin, self.x1).flops, self.x1.shape[0], self.x2.shape[0], r)
+        options = {"dense": min(est.values()), "matrix-free": DENSE_REUSE * product}
+        return cheapest(options, "K @ V") == "dense"
 
     def dense_kernel(self) -> Tensor:
         """The kernel as a dense (n1·k' × n2·k') tensor, formed once by :func:`fntk.ntk` and cached."""

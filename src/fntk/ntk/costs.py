@@ -1,0 +1,41 @@
+"""The one cost model behind every "auto" choice of fntk: the NTK method, NTKOperator's dense
+cache, the GP's space and solver, the classifier's space, the gpytorch prediction strategy.
+
+Estimated seconds from flop counts at two measured rates (large matrix products and LAPACK at
+``R_GEMM``, vmapped forward/backward passes at ``R_AD``; memory-bound element operations count
+``ELEM`` flops each), and :func:`cheapest` picks the fastest option that fits its memory limit
+(options that do not fit are given ``inf``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fntk.errors import NTKMemoryError
+
+R_GEMM = 1.0e11  # flop/s of large matrix products (float64, measured on the development machine)
+R_AD = 2.0e10  # flop/s of vmapped forward/backward passes
+ELEM = 30.0  # flop-equivalents of one memory-bound element operation
+
+
+def cheapest(options: dict, what: str) -> object:
+    """The key of the smallest finite estimate (ties: the first in ``options``' order); an
+    NTKMemoryError naming ``what`` when nothing fits."""
+    best = min(options, key=lambda key: options[key])
+    if math.isinf(options[best]):
+        raise NTKMemoryError(f"{what}: no option fits the memory limit ({', '.join(map(str, options))})")
+    return best
+
+
+def cholesky_seconds(N: int, count: int = 1) -> float:
+    """``count`` Cholesky factorisations of N × N matrices: N³/3 flops each."""
+    return count * N**3 / 3 / R_GEMM
+
+
+def ntk_product_seconds(flops: float, n1: int, n2: int, r: int) -> float:
+    """One matrix-free K V with r columns: a forward and r backward passes over x2, r forward-mode
+    passes over x1 (about 2 units each), ``flops`` the forward multiply-adds per point."""
+    return 2 * flops * (n2 * (1 + 2 * r) + 2 * n1 * r) / R_AD
+
+
+__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds"]
