@@ -120,6 +120,37 @@ def test_rbf_gp_learns_hyperparameters():
         baselines.rbf_gp(x, y, xt, optimizer="sgd")
 
 
+def test_rbf_gp_ard_matches_dense_numpy_at_fixed_lengthscales():
+    rng = np.random.default_rng(3)
+    x, xs = rng.uniform(-2, 2, (10, 2)), rng.uniform(-2, 2, (7, 2))
+    y = np.sin(x[:, 0]) + 0.1 * rng.standard_normal(10)
+    pred = baselines.rbf_gp(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(xs),
+                            lengthscale=[0.7, 3.0], outputscale=1.3, noise=0.02, mean=0.1)
+    scale = np.array([0.7, 3.0])
+    mean, var = _numpy_gp(x / scale, y, xs / scale, 1.0, 1.3, 0.02, 0.1)
+    assert np.allclose(pred.mean.numpy(), mean, atol=1e-8)
+    assert np.allclose(pred.variance.numpy(), var, atol=1e-8)
+
+
+def test_rbf_gp_multistart_keeps_the_best_evidence_and_ard_finds_the_irrelevant_input():
+    g = torch.Generator().manual_seed(4)
+    x = 4 * torch.rand(30, 2, generator=g, dtype=D64) - 2
+    y = torch.sin(2 * x[:, 0]) + 0.05 * torch.randn(30, generator=g, dtype=D64)  # x[:, 1] is irrelevant
+    xt = 4 * torch.rand(20, 2, generator=g, dtype=D64) - 2
+    one = baselines.rbf_gp(x, y, xt, restarts=1)
+    five = baselines.rbf_gp(x, y, xt, restarts=5)
+    starts = five.info["start_log_marginal_likelihoods"]
+    assert len(starts) == 5 and five.info["best_start"] == int(np.argmax(starts))
+    assert starts[0] == pytest.approx(one.info["start_log_marginal_likelihoods"][0], rel=1e-12)
+    lml = "log_marginal_likelihood_per_point"
+    assert five.info[lml] >= one.info[lml] - 1e-12
+    ls = five.info["lengthscale"]
+    assert ls[1] > 5 * ls[0]  # ARD: the irrelevant dimension gets a much longer lengthscale
+    assert (five.mean - torch.sin(2 * xt[:, 0])).square().mean() < 0.01
+    with pytest.raises(ValueError, match="restarts"):
+        baselines.rbf_gp(x, y, xt, restarts=0)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 def _toy_regression():
     torch.manual_seed(0)

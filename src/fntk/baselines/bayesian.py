@@ -1,7 +1,8 @@
-"""Bayesian regression baselines : ABLR and an RBF-kernel GP.
+"""Bayesian regression baselines: ABLR (Bayesian linear regression on learned features).
 
-Both return a :class:`GaussianPrediction`: the latent function's predictive mean and variance at
-the test points and the observation-noise variance (add it for the predictive of noisy targets).
+The regression baselines (this and :func:`fntk.baselines.gp.rbf_gp`) return a
+:class:`GaussianPrediction`: the latent function's predictive mean and variance at the test points
+and the observation-noise variance (add it for the predictive of noisy targets).
 
 Bayesian linear regression (BLR) on features Φ (n, D): w ~ N(0, α⁻¹ I), y = Φw + ε,
 ε ~ N(0, β⁻¹ I). With A = αI + βΦᵀΦ = LLᵀ the posterior is N(βA⁻¹Φᵀy, A⁻¹) and
@@ -29,7 +30,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -151,7 +152,7 @@ class ABLR:
         with torch.no_grad():
             return self._phi(x)
 
-    @_one_thread()
+    @one_thread()
     def fit(self, tasks: Sequence[tuple[Tensor, Tensor]], steps: int = 2000, lr: float = 1e-2) -> ABLR:
         """Train the feature net and the per-task (α_t, β_t) on source tasks [(x_t (n_t, d), y_t (n_t,))].
 
@@ -181,7 +182,7 @@ class ABLR:
         self.log_hypers_ = log_h.detach()
         return self
 
-    @_one_thread()
+    @one_thread()
     def predict(
         self,
         x: Tensor,
@@ -221,121 +222,4 @@ class ABLR:
         return out
 
 
-# ----------------------------------------------------------------------------- RBF GP
-@_one_thread()
-def rbf_gp(
-    x: Tensor,
-    y: Tensor,
-    x_test: Tensor,
-    steps: int = 300,
-    lr: float = 0.05,
-    optimizer: str = "adam",
-    ard: bool = False,
-    standardize: bool = True,
-    lengthscale: float | None = None,
-    outputscale: float | None = None,
-    noise: float | None = None,
-    mean: float | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> GaussianPrediction:
-    """Exact GP with constant mean and ``ScaleKernel(RBFKernel)`` on the target points only.
-
-    Hyperparameters not given are learned by maximising the exact marginal likelihood (gpytorch
-    ``ExactMarginalLogLikelihood``, Cholesky solves) with Adam (``steps`` steps) or L-BFGS
-    (strong Wolfe line search, ``steps`` iterations). Given hyperparameters stay fixed; they are in
-    the units of y. With ``standardize`` the GP works on (y − ȳ)/s internally (s the std of y) and
-    the results are mapped back.
-
-    Args:
-        x: (n, d) or (n,) training inputs; y: (n,) targets; x_test: (m, d) or (m,).
-        ard: one lengthscale per input dimension.
-
-    Returns:
-        :class:`GaussianPrediction` with mean and latent variance (m,), noise, and ``info`` holding
-        the hyperparameters (units of y) and the final log marginal likelihood per point.
-    """
-    import gpytorch
-
-    def as2d(t: Tensor) -> Tensor:
-        t = torch.as_tensor(t).detach().to(dtype)
-        return t.unsqueeze(1) if t.ndim == 1 else t
-
-    X, Xs = as2d(x), as2d(x_test)
-    Y = torch.as_tensor(y).detach().to(dtype).reshape(-1)
-    if X.shape[0] != Y.shape[0] or X.shape[1] != Xs.shape[1]:
-        raise ValueError(f"shapes: x {tuple(X.shape)}, y {tuple(Y.shape)}, x_test {tuple(Xs.shape)}")
-    mu, s = (float(Y.mean()), float(Y.std())) if standardize and Y.numel() > 1 else (0.0, 1.0)
-    s = s if s > 0 else 1.0
-    Yn = (Y - mu) / s
-
-    class _GP(gpytorch.models.ExactGP):
-        def __init__(self, lik):
-            super().__init__(X, Yn, lik)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = gpytorch.kernels.ScaleKernel(
-                gpytorch.kernels.RBFKernel(ard_num_dims=X.shape[1] if ard else None)
-            )
-
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
-
-    lik = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-8))
-    model = _GP(lik).to(dtype)
-    kern = model.covar_module
-    with torch.no_grad():
-        lik.noise = 0.1 if noise is None else noise / s**2  # default start: 10% of the variance
-        if lengthscale is not None:
-            kern.base_kernel.lengthscale = lengthscale
-        if outputscale is not None:
-            kern.outputscale = outputscale / s**2
-        if mean is not None:
-            model.mean_module.constant = (mean - mu) / s
-    for value, raw in [
-        (lengthscale, kern.base_kernel.raw_lengthscale),
-        (outputscale, kern.raw_outputscale),
-        (noise, lik.noise_covar.raw_noise),
-        (mean, model.mean_module.raw_constant),
-    ]:
-        if value is not None:
-            raw.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
-    exact = (
-        gpytorch.settings.max_cholesky_size(10**6),
-        gpytorch.settings.fast_computations(False, False, False),
-    )
-    with exact[0], exact[1]:
-        model.train()
-        if params and steps > 0:
-            if optimizer == "adam":
-                opt = torch.optim.Adam(params, lr=lr)
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    loss = -mll(model(X), Yn)
-                    loss.backward()
-                    opt.step()
-            elif optimizer == "lbfgs":
-                opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-                def closure():
-                    opt.zero_grad(set_to_none=True)
-                    loss = -mll(model(X), Yn)
-                    loss.backward()
-                    return loss
-
-                opt.step(closure)
-            else:
-                raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
-        with torch.no_grad():
-            final = float(mll(model(X), Yn))
-            model.eval()
-            post = model(Xs)
-            m_out, v_out = post.mean * s + mu, post.variance * s**2
-    info = {
-        "lengthscale": model.covar_module.base_kernel.lengthscale.detach().reshape(-1).tolist(),
-        "outputscale": float(model.covar_module.outputscale.detach()) * s**2,
-        "noise": float(lik.noise.detach()) * s**2,
-        "mean": float(model.mean_module.constant.detach()) * s + mu,
-        "log_marginal_likelihood_per_point": final - math.log(s),
-    }
-    return GaussianPrediction(mean=m_out.detach(), variance=v_out.detach(), noise=info["noise"], info=info)
+__all__ = ["GaussianPrediction", "ABLR", "blr_log_marginal_likelihood", "blr_predict", "one_thread"]
