@@ -2,7 +2,7 @@
 
 from fntk import ntk
 from fntk.classify import LinearizedClassifier
-from fntk.errors import NotFittedError, NTKMemoryError, NumericalWarning
+from fntk.errors import NotFittedError, NTKMemoryError, NumericalWarning, TimeLimitError
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
 from fntk.ntk import NTKMethod
@@ -23,6 +23,7 @@ __all__ = [
     "NotFittedError",
     "NTKMemoryError",
     "NumericalWarning",
+    "TimeLimitError",
     "get_memory_budget",
     "set_memory_budget",
     "load",

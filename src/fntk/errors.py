@@ -19,4 +19,9 @@ class NTKMemoryError(MemoryError, ValueError):
     """The kernel (or the smallest working set of a method) does not fit the memory budget."""
 
 
-__all__ = ["NotFittedError", "NumericalWarning", "NTKMemoryError"]
+class TimeLimitError(ValueError):
+    """A fit's estimated time (by fntk's own cost model) exceeds the estimator's ``time_limit``;
+    the message gives the estimate and how to lift the limit."""
+
+
+__all__ = ["NotFittedError", "NumericalWarning", "NTKMemoryError", "TimeLimitError"]
