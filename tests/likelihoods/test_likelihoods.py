@@ -110,3 +110,19 @@ def test_errors_name_argument_and_shapes():
         gen.kl(f, f)
     with pytest.raises(TypeError, match="nll must be callable"):
         L.GenericLikelihood(3)
+
+
+def test_likelihoods_by_name():
+    for name, cls in L.NAMES.items():
+        got = L.resolve(name)
+        assert type(got) is cls
+    assert type(L.resolve("Heteroscedastic-Gaussian")) is L.HeteroscedasticGaussian
+    g = L.Gaussian(0.3)
+    assert L.resolve(g) is g
+    f = torch.randn(4, 3, dtype=D64)
+    y = torch.randint(0, 3, (4,))
+    assert torch.equal(L.resolve("categorical").nll(f, y), L.Categorical().nll(f, y))
+    with pytest.raises(ValueError, match=r"unknown likelihood 'gauss'.*'categorical'"):
+        L.resolve("gauss")
+    with pytest.raises(TypeError, match="must be a fntk.likelihoods.Likelihood or one of the names"):
+        L.resolve(3)

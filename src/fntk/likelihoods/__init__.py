@@ -34,6 +34,7 @@ from fntk.likelihoods.categorical import Categorical
 from fntk.likelihoods.gaussian import Gaussian
 from fntk.likelihoods.generic import GenericLikelihood
 from fntk.likelihoods.heteroscedastic import HeteroscedasticGaussian
+from fntk.likelihoods.names import NAMES, resolve
 from fntk.likelihoods.poisson import Poisson
 
 __all__ = [
@@ -44,4 +45,6 @@ __all__ = [
     "Bernoulli",
     "Poisson",
     "GenericLikelihood",
+    "NAMES",
+    "resolve",
 ]
