@@ -11,6 +11,7 @@ import torch
 
 import fntk
 from fntk import persist
+from fntk.persist.hashing import payload_checksum
 
 from models import SmallCNN, tanh_mlp
 
@@ -177,14 +178,21 @@ def test_corrupt_files_give_clear_errors(saved, tmp_path):
     torch.save({"format": "fntk-adapter", "x": Evil()}, evil)
     with pytest.raises(ValueError, match="evil.pt"):  # refused by weights_only, never executed
         persist.load(evil, m)
+    # a changed state is refused by the checksum; with the checksum recomputed (a crafted file)
+    # the deeper checks still refuse it
     payload = torch.load(path, weights_only=True)
     payload["state"] = payload["state"][:-10]
     broken = tmp_path / "broken_json.fntk"
+    torch.save(payload, broken)
+    with pytest.raises(ValueError, match="sha256 checksum"):
+        persist.load(broken, m)
+    payload["checksum"] = payload_checksum(payload["meta"], payload["state"], payload["tensors"])
     torch.save(payload, broken)
     with pytest.raises(ValueError, match="corrupt JSON"):
         persist.load(broken, m)
     payload = torch.load(path, weights_only=True)
     payload["state"] = payload["state"].replace('"gp.Factor"', '"os:system"')
+    payload["checksum"] = payload_checksum(payload["meta"], payload["state"], payload["tensors"])
     hostile = tmp_path / "hostile.fntk"
     torch.save(payload, hostile)
     with pytest.raises(ValueError, match="not one of fntk's"):
