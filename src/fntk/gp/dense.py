@@ -100,6 +100,10 @@ class DenseFunction:
         """Mean prior variance diag(G)/n per output (k',), for initialising s."""
         return self.G.diagonal(dim1=-2, dim2=-1).mean(-1)
 
+    def point_bytes(self) -> int:
+        """Working bytes of :meth:`predict` per test point (cross kernel, whitened copy, temporaries)."""
+        return 3 * 8 * len(self.outputs) * self.n
+
     def objective(self) -> Objective:
         """Exact log marginal likelihood at any (s, σ², b) in O(n) after one eigh G = UΛUᵀ."""
         if self._eig is None:
@@ -167,6 +171,10 @@ class DenseWeight:
 
     def prior_scale(self) -> Tensor:
         return self.A.diagonal(dim1=-2, dim2=-1).sum(-1) / self.n  # tr(JᵀJ)/n = mean diag(G)
+
+    def point_bytes(self) -> int:
+        """Working bytes of :meth:`predict` per test point (Jacobian rows and their whitened copy)."""
+        return 3 * 8 * len(self.outputs) * self.p
 
     def objective(self) -> Objective:
         """Exact log marginal likelihood in O(p) per evaluation after one eigh A = VΘVᵀ."""

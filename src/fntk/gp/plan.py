@@ -14,6 +14,12 @@ multiply-adds per point, n points, p parameters, k' outputs, m = 50 test points:
   a vjp ≈ F + 2F per cotangent) over R Lanczos steps (× (4 + probes) columns when learning),
   ≥ 11 CG steps (linear_operator's minimum) and, in function space, the R-column root Jᵀ U;
   plus a fixed overhead per batched call (Python, vmap) that dominates for small networks.
+
+The cost guards live here too: a plan whose chosen strategy is estimated above the regressor's
+``time_limit`` is refused (:class:`~fntk.TimeLimitError`) before any pass over the data, an
+explicit ``solver="direct"`` whose dense matrices exceed ``memory_limit`` is refused
+(:class:`~fntk.NTKMemoryError`), predictions run in chunks of test points that fit the memory
+budget, and a full predictive covariance is checked before it is formed.
 """
 
 from __future__ import annotations
@@ -23,17 +29,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fntk.errors import NTKMemoryError, TimeLimitError
 from fntk.linearize import Linearized
 from fntk.linearize.taps import analyze
 from fntk.ntk import cache
 from fntk.ntk.costs import ELEM, R_AD, R_GEMM, cheapest
 from fntk.settings import available_memory
+from fntk.validation import over_memory, over_time
 
 SPACES = ("auto", "function", "weight")
 SOLVERS = ("auto", "direct", "iterative")
 EIGH_FACTOR = 25.0  # eigh with eigenvectors / Cholesky, measured (MKL, float64, n = 500…2000)
 CG_STEPS = 30  # typical deflation-preconditioned CG steps (linear_operator runs at least 11)
 CALL = 2e-3  # seconds of Python/vmap overhead per batched product call, per parameterised layer
+F64_BYTES = 8
+
+
+def memory_limit_bytes(memory_limit: int | None) -> int:
+    """The regressor's limit for dense matrices: ``memory_limit``, default half the available RAM."""
+    return memory_limit if memory_limit is not None else available_memory() // 2
 
 
 @dataclass
@@ -76,21 +90,71 @@ def plan(
     R: int,
     probes: int,
     memory_limit: int | None,
+    time_limit: float | None = None,
 ) -> Plan:
-    """Pick (space, solver) among those allowed by ``space``/``solver`` and the memory limit."""
+    """Pick (space, solver) among those allowed by ``space``/``solver`` and the memory limit;
+    refuse (before any pass over the data, :class:`~fntk.NTKMemoryError`) when no allowed one fits
+    the limit, and (:class:`~fntk.TimeLimitError`) when the cheapest is estimated above
+    ``time_limit`` seconds."""
     n, p = x.shape[0], lin.num_params
-    limit = memory_limit if memory_limit is not None else available_memory() // 2
+    limit = memory_limit_bytes(memory_limit)
     t = estimate(lin, x, kk, learn, R, probes)
-    itemsize = torch.finfo(torch.float64).bits // 8
-    fits = {"function": 3 * kk * n * n * itemsize <= limit, "weight": 3 * kk * p * p * itemsize <= limit}
+    need = {"function": 3 * kk * n * n * F64_BYTES, "weight": 3 * kk * p * p * F64_BYTES}
+    shape = f"n={n:,} points, p={p:,} parameters, {kk} output(s)"
     smaller = "function" if n <= p else "weight"
     options: dict[tuple[str, str], float] = {}
     for sp in ("function", "weight"):
         if space not in ("auto", sp):
             continue
-        if solver == "direct" or (solver == "auto" and fits[sp]):
+        if solver in ("auto", "direct") and need[sp] <= limit:
             options[(sp, "direct")] = t[sp]
         if solver in ("auto", "iterative") and (space == sp or sp == smaller):
-            options[(sp, "iterative")] = t["iterative"] * (1.0 if sp == smaller else 1.05)
+            root = 2 * kk * (R + 1) * p * F64_BYTES  # Ritz roots and the w̄/Z of the posterior
+            if root <= limit:
+                options[(sp, "iterative")] = t["iterative"] * (1.0 if sp == smaller else 1.05)
+    if not options:
+        if solver == "iterative":
+            what, nbytes = "the matrix-free solver's Lanczos roots", 2 * kk * (R + 1) * p * F64_BYTES
+        else:
+            sp = min((s for s in ("function", "weight") if space in ("auto", s)), key=lambda s: need[s])
+            what, nbytes = f"the dense {sp}-space solve", need[sp]
+        hint = "pass a larger memory_limit (bytes), select fewer parameters (params=...) or fit fewer points"
+        if solver == "direct":
+            hint += ", or use solver='iterative' (matrix-free)"
+        elif solver == "iterative":
+            hint += ", or lower solver_options['lanczos_iterations']"
+        raise NTKMemoryError(
+            f"the GP fit ({shape}, {lin.dtype}) fits no solver: "
+            + over_memory(what, max(nbytes, limit + 1), limit, "memory_limit", hint)
+        )
     sp, so = cheapest(options, "the GP fit")
+    msg = over_time(
+        f"NTKRegressor.fit ({sp} space, {so} solver; {shape})", options[(sp, so)], time_limit,
+        "fit a subset of the points or of the parameters (params=...)",
+    )
+    if msg is not None:
+        raise TimeLimitError(msg)
     return Plan(sp, so, t)
+
+
+def predict_chunked(st, budget: int, xs: Tensor) -> tuple[Tensor, Tensor]:
+    """``st.predict(xs, full_cov=False)`` over chunks of test points whose working set
+    (``st.point_bytes()`` per point) fits ``budget`` bytes: (mean (k', m), variance (k', m))."""
+    rows = max(1, budget // max(st.point_bytes(), 1))
+    if rows >= xs.shape[0]:
+        return st.predict(xs, full_cov=False)
+    parts = [st.predict(xs[i : i + rows], full_cov=False) for i in range(0, xs.shape[0], rows)]
+    return torch.cat([a for a, _ in parts], -1), torch.cat([b for _, b in parts], -1)
+
+
+def check_covariance(st, m: int, memory_limit: int | None) -> None:
+    """Refuse a full predictive covariance of m test points whose matrices do not fit the limit."""
+    kk = len(st.outputs)
+    need = F64_BYTES * kk * (3 * m * m + 2 * m * getattr(st, "n", 0))
+    msg = over_memory(
+        f"the full covariance of {m:,} test points ({kk} output(s))", need,
+        memory_limit_bytes(memory_limit), "memory_limit",
+        "use post.variance (the diagonal, computed in chunks) or fewer test points",
+    )
+    if msg is not None:
+        raise NTKMemoryError(msg)
