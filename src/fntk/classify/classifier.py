@@ -36,26 +36,27 @@ snapshotted when the classifier is constructed.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fntk import persist
+from fntk import persist, validation
+from fntk.classify import cost
 from fntk.classify import meanfield as _mf
 from fntk.classify import vi as _vi
 from fntk.classify.evidence import MarglikInfo, optimize_prior_precision
 from fntk.classify.function_space import FunctionSpace
+from fntk.classify.labels import check_labels
 from fntk.classify.objective import F64, FitInfo, prior_mean_function
 from fntk.classify.predictive import glm_predictive
 from fntk.classify.weight_space import WeightSpace
 from fntk.errors import NotFittedError
 from fntk.likelihoods import Bernoulli, Categorical, Likelihood
 from fntk.linearize import Linearized, ParamSelection
-from fntk.ntk.costs import cheapest, cholesky_seconds
 from fntk.validation import check_callback, choice, positive_int
 
 INFERENCES = ("map", "laplace", "vi")
@@ -65,9 +66,11 @@ SPACES = ("auto", "function", "weight")
 SOLVERS = ("newton", "lbfgs")
 COVARIANCES = ("auto", "dense", "lowrank")
 VI_FAMILIES = ("subspace", "meanfield")
-
-#: weight space stays dense (explicit J, (p × p) Cholesky) up to this many parameters
-DENSE_MAX_PARAMS = 6000
+DENSE_MAX_PARAMS = cost.DENSE_MAX_PARAMS
+#: default ``time_limit``: fits the cost model estimates above one hour are refused
+DEFAULT_TIME_LIMIT = 3600.0
+#: attributes of objects saved before they existed (set on load)
+_DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False}
 
 
 @persist.register("LinearizedClassifier")
@@ -100,8 +103,19 @@ class LinearizedClassifier:
             as the memory budget allows per product).
         tol: MAP convergence, ‖∇_w Ψ‖ ≤ tol (absolute; reachable in float64 internal algebra).
         max_iter: Newton steps (default 100) or L-BFGS iterations (default 2000) per MAP solve.
-        seed: seeds the Monte Carlo draws (predictive and VI).
-        memory_budget: bytes per batched product (passed to :class:`~fntk.Linearized`).
+        seed: seeds the Monte Carlo draws (predictive and VI): an int ≥ 0.
+        memory_budget: bytes per batched product (passed to :class:`~fntk.Linearized`); the dense
+            matrices of an explicit ``space="function"`` or ``covariance="dense"`` are checked
+            against it before they are formed (:class:`~fntk.NTKMemoryError`).
+        time_limit: seconds; a fit the cost model (:mod:`fntk.classify.cost`) estimates above it
+            is refused before any heavy work (:class:`~fntk.TimeLimitError`). Default one hour;
+            ``None`` lifts the limit.
+        progress: show a tqdm bar (stderr) over the MAP and VI iterations of ``fit``.
+
+    A fit that raises or is interrupted (KeyboardInterrupt from ``callback``, in the MAP, evidence
+    or VI stage) leaves the classifier exactly as it was before the call. Calls on one classifier
+    from several threads are serialised by a per-object lock. A float16/bfloat16 model is
+    linearized through a float32 copy of its weights (results in float32).
 
     Attributes (after ``fit``): ``space_``, ``prior_precision_`` (λ), ``converged_``, ``n_iter_``,
     ``grad_norm_`` (‖∇_w Ψ‖ at the MAP), ``num_classes_``, ``marglik_history_`` [(λ, log Z, d log Z/d log λ)],
@@ -132,6 +146,8 @@ class LinearizedClassifier:
         max_iter: int | None = None,
         seed: int = 0,
         memory_budget: int | None = None,
+        time_limit: float | None = DEFAULT_TIME_LIMIT,
+        progress: bool = False,
     ):
         self.inference = choice("inference", inference, INFERENCES)
         bad_prior = ValueError(
@@ -168,44 +184,40 @@ class LinearizedClassifier:
         if max_iter is None:
             max_iter = 100 if self.solver == "newton" else 2000
         self.max_iter = positive_int("max_iter", max_iter)
-        if not (isinstance(tol, (int, float)) and tol > 0):
-            raise ValueError(f"tol must be a positive float, got {tol!r}")
-        self.tol, self.seed = float(tol), int(seed)
+        self.tol = validation.real("tol", tol, positive=True)
+        self.seed = validation.seed("seed", seed)
+        memory_budget = validation.byte_count("memory_budget", memory_budget)
+        self.time_limit = validation.seconds_limit("time_limit", time_limit)
+        self.progress = validation.flag("progress", progress)
         if isinstance(model, Linearized):
             if params is not None:
                 raise ValueError("params must be None when model is already a fntk.Linearized")
-            self.lin = model
+            if memory_budget is not None:
+                raise ValueError(
+                    "memory_budget applies when model is an nn.Module; with a fntk.Linearized set it "
+                    "there: fntk.Linearized(model, memory_budget=...)"
+                )
+            lin = model
         elif isinstance(model, nn.Module):
-            self.lin = Linearized(model, params, memory_budget=memory_budget)
+            lin = Linearized(model, params, memory_budget=memory_budget)
         else:
             raise TypeError(f"model must be a torch.nn.Module or fntk.Linearized, got {type(model).__name__}")
+        self._model_dtype = lin.dtype
+        self.lin = persist.working_linearization(lin)  # float32 copy of a float16/bfloat16 model
         self._backend: FunctionSpace | WeightSpace | None = None
+        self._lock = threading.RLock()
+
+    def __fntk_state__(self) -> dict:
+        """What a saved adapter stores: everything but the lock."""
+        return {k: v for k, v in vars(self).items() if k != "_lock"}
+
+    def __fntk_restore__(self) -> None:
+        """After loading: a new lock, and the defaults of options added since the file was written."""
+        self._lock = threading.RLock()
+        for k, v in {**_DEFAULTS, "_model_dtype": self.lin.dtype}.items():
+            self.__dict__.setdefault(k, v)
 
     # ------------------------------------------------------------------ checks
-    def _check_labels(self, y: Any, n: int, k: int) -> Tensor:
-        if not isinstance(y, Tensor):
-            try:
-                y = torch.as_tensor(y)
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise TypeError(f"y must be a tensor of int class labels, got {type(y).__name__}") from err
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(
-                f"y must hold integer class labels (int64), got dtype {y.dtype}; convert whole-number "
-                "labels with y.long()"
-            )
-        if y.dim() != 1:
-            raise ValueError(f"y must be a 1-d tensor of n class labels, got shape {tuple(y.shape)}")
-        if y.shape[0] != n:
-            raise ValueError(f"y has {y.shape[0]} labels but x has {n} points; expected y of shape ({n},)")
-        C = max(k, 2)
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= C:
-            raise ValueError(
-                f"y has labels outside [0, {C}) (min {lo}, max {hi}); the model has k={k} output"
-                f"{'s' if k > 1 else ''}, so labels must be in 0..{C - 1}"
-            )
-        return y.to(self.lin.device).long()
-
     def _require_fit(self) -> FunctionSpace | WeightSpace:
         if self._backend is None:
             raise NotFittedError(
@@ -214,44 +226,43 @@ class LinearizedClassifier:
         return self._backend
 
     # ------------------------------------------------------------------ fit
-    def _choose(self, n: int, k: int) -> tuple[str, bool]:
-        p, nk, budget = self.lin.num_params, n * k, self.lin.memory_budget
-        fits_K = 4 * nk * nk * 8 <= 4 * budget
-        space = self.space
-        if space == "auto":  # one (n·k)³ or p³ factorisation per Newton step dominates either space
-            options = {"function": cholesky_seconds(nk) if fits_K and self.solver == "newton" else math.inf,
-                       "weight": cholesky_seconds(p)}
-            space = cheapest(options, "the classifier's space")
-        if self.covariance == "auto":
-            dense = p <= DENSE_MAX_PARAMS and nk * p * 8 <= budget
-        else:
-            dense = self.covariance == "dense"
-        return space, dense
-
     def fit(
         self, x: Tensor, y: Tensor, callback: Callable[[dict], None] | None = None
     ) -> LinearizedClassifier:
         """Fit on inputs x (n, *features) and int labels y (n,) in [0, C); returns self.
 
         C = k classes for k ≥ 2 logits (categorical likelihood), C = 2 for one logit (Bernoulli).
-        ``callback``, if given, is called once per iteration of every MAP solve with a dict
-        ``{"stage": "map", "step", "objective", "grad_norm"}`` (objective Ψ(w), ‖∇_w Ψ‖) and, for
-        ``inference="vi"``, once per ELBO iteration with ``{"stage": "vi", "step", "objective",
-        "elbo"}`` (objective = −ELBO); it may raise (e.g. KeyboardInterrupt) to stop the fit, which
-        leaves the classifier unfitted and the model untouched.
+        Before any heavy work the dense matrices are checked against the memory budget and the
+        estimated time against ``time_limit``. ``callback``, if given, is called once per
+        iteration of every MAP solve with a dict ``{"stage": "map", "step", "objective",
+        "grad_norm"}`` (objective Ψ(w), ‖∇_w Ψ‖) and, for ``inference="vi"``, once per ELBO
+        iteration with ``{"stage": "vi", "step", "objective", "elbo"}`` (objective = −ELBO); it
+        may raise (e.g. KeyboardInterrupt) to stop the fit. A fit that raises, for this or any
+        other reason, leaves the classifier exactly as it was (fitted or not) and the model
+        untouched.
         """
         callback = check_callback(callback)
+        with self._lock, validation.transaction(self):
+            with validation.progress(callback, self.progress, "LinearizedClassifier.fit") as cb:
+                self._fit(x, y, cb)
+        return self
+
+    def _fit(self, x: Tensor, y: Tensor, callback: Callable[[dict], None] | None) -> None:
         t0 = time.perf_counter()
         x = self.lin.check_input(x)
         n, k = x.shape[0], self.lin.num_outputs
-        y = self._check_labels(y, n, k)
+        y = check_labels(y, n, k).to(self.lin.device)
+        space, dense = cost.choose(self.lin, n, k, self.space, self.solver, self.covariance)
+        seconds = cost.estimate_seconds(
+            self.lin, x, space, dense, self.solver, self.prior_precision == "marglik", self.rank
+        )
+        cost.check_time(seconds, self.time_limit, n, self.lin.num_params, f"{space} space")
         self.likelihood_: Likelihood = Categorical() if k >= 2 else Bernoulli()
         self._y = y if k >= 2 else y.to(F64)[:, None]
         self.num_classes_ = max(k, 2)
         mu0 = None
         if self.prior_mean == "zero":
             mu0 = torch.zeros(self.lin.num_params, dtype=F64, device=self.lin.device)
-        space, dense = self._choose(n, k)
         if space == "function":
             backend: FunctionSpace | WeightSpace = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
         else:
@@ -268,19 +279,21 @@ class LinearizedClassifier:
             )
         backend.callback = callback
         self.space_ = space if space == "function" else ("weight-dense" if dense else "weight-lowrank")
-        if self.prior_precision == "marglik":
-            lam, info, ml = optimize_prior_precision(backend, self.tol, self.max_iter)
-        else:
-            lam, ml = float(self.prior_precision), MarglikInfo()
-            info = backend.fit(lam, self.tol, self.max_iter)
-        backend.callback = None  # not kept with the fitted state
+        self.estimated_seconds_ = seconds
+        try:
+            if self.prior_precision == "marglik":
+                lam, info, ml = optimize_prior_precision(backend, self.tol, self.max_iter)
+            else:
+                lam, ml = float(self.prior_precision), MarglikInfo()
+                info = backend.fit(lam, self.tol, self.max_iter)
+        finally:
+            backend.callback = None  # not kept with the fitted state
         self._backend = None  # fitted only once every stage has finished
         self._set_map_info(lam, info, ml)
         if self.inference == "vi":
             self._fit_vi(backend, x, callback)
         self._backend = backend
         self.fit_seconds_ = time.perf_counter() - t0
-        return self
 
     def _set_map_info(self, lam: float, info: FitInfo, ml: MarglikInfo) -> None:
         self.prior_precision_ = lam
@@ -336,30 +349,42 @@ class LinearizedClassifier:
     # ------------------------------------------------------------------ results
     def weights(self) -> Tensor:
         """The posterior mean of w (p,): the MAP (map, laplace) or the variational mean (vi)."""
-        b = self._require_fit()
-        if self.inference == "vi":
-            w = self._vi.mean if self.vi_family == "meanfield" else b.subspace_weights(self._vi.mean)
-            return w.to(self.lin.dtype)
-        return b.weights().to(self.lin.dtype)
+        with self._lock:
+            b = self._require_fit()
+            if self.inference == "vi":
+                w = self._vi.mean if self.vi_family == "meanfield" else b.subspace_weights(self._vi.mean)
+                return w.to(self.lin.dtype)
+            return b.weights().to(self.lin.dtype)
 
     def log_marginal_likelihood(self) -> float:
         """The Laplace evidence log Z(λ) ≈ −Ψ(w*) − ½ log det(I + G/λ) at the fitted λ."""
-        return float(self._require_fit().log_evidence())
+        with self._lock:
+            return float(self._require_fit().log_evidence())
 
     def predict_f(self, x: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor | None]:
         """The predictive distribution of the logits at x (m, *features): mean (m, k) and
-        covariance (m, k, k) (``None`` for ``inference="map"``), in the model's dtype."""
-        b = self._require_fit()
-        x = self.lin.check_input(x)
-        if self.inference == "vi" and self.vi_family == "meanfield":
-            mean, cov = _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale)
-        elif self.inference == "vi":
-            m0s, Phis, Kss = b.subspace_test(x)
-            mean, cov = _vi.predictive(m0s, Phis, Kss, self._vi.mean, self._vi.scale, self.prior_precision_)
-        else:
-            mean, cov = b.predict(x, covariance=self.inference == "laplace", chunk=chunk)
+        covariance (m, k, k) (``None`` for ``inference="map"``), in the model's dtype.
+
+        Test points are processed in chunks of at most ``chunk`` (a positive int), fewer when
+        their Jacobian or kernel rows would exceed the memory budget."""
+        chunk = positive_int("chunk", chunk)
+        with self._lock:
+            b = self._require_fit()
+            x = self.lin.check_input(x)
+            rows = cost.predict_rows(self.lin, b, self.inference, self.vi_family, x.shape[0], chunk)
+            parts = [self._predict_block(b, x[s]) for s in self.lin.chunks(x.shape[0], rows)]
+        mean = torch.cat([m for m, _ in parts])
+        cov = None if parts[0][1] is None else torch.cat([c for _, c in parts])
         dt = self.lin.dtype
         return mean.to(dt), (None if cov is None else cov.to(dt))
+
+    def _predict_block(self, b: FunctionSpace | WeightSpace, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.inference == "vi" and self.vi_family == "meanfield":
+            return _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale)
+        if self.inference == "vi":
+            m0s, Phis, Kss = b.subspace_test(x)
+            return _vi.predictive(m0s, Phis, Kss, self._vi.mean, self._vi.scale, self.prior_precision_)
+        return b.predict(x, covariance=self.inference == "laplace", chunk=x.shape[0])
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (m, C) at x (m, *features): the GLM predictive E[softmax(f)] with
@@ -377,7 +402,8 @@ class LinearizedClassifier:
     def save(self, path: str) -> None:
         """Write the fitted classifier to ``path`` (tensors + JSON metadata; see :mod:`fntk.persist`).
         Reload with ``fntk.load(path, model)`` and the same, unchanged, model."""
-        persist.save(self, path)
+        with self._lock:
+            persist.save(self, path)
 
     def __repr__(self) -> str:
         lam = getattr(self, "prior_precision_", self.prior_precision)

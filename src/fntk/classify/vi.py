@@ -71,9 +71,23 @@ def expected_loglik(lik: Likelihood, y: Tensor, mean: Tensor, Sig: Tensor, xi: T
     """Σ_i E_{f_i ~ N(mean_i, Σ_i)} log p(y_i | f_i) by the fixed draws f_is = mean_i + chol(Σ_i) ε_is:
     mean (n, k), Σ (n, k, k), ε (n, S, k). Differentiable in mean and Σ."""
     n, S, k = xi.shape
-    # Σ_i may be singular (rank < k); a relative jitter far below the sampling error keeps chol defined
-    jitter = 1e-9 * Sig.diagonal(dim1=-2, dim2=-1).mean(-1).detach() + 1e-12
-    Lc = torch.linalg.cholesky(Sig + jitter[:, None, None] * torch.eye(k, dtype=Sig.dtype, device=Sig.device))
+    # Σ_i may be singular (rank < k). A fixed *relative* jitter, 1e-9·mean diag(Σ_i) (plus the
+    # smallest normal float, for Σ_i = 0), far below the Monte Carlo error, keeps chol defined at
+    # every scale of the logits. It is deliberately not fntk.linalg.safe_cholesky's escalating
+    # retry: inside autograd the ELBO must stay one smooth, deterministic function of (μ, C) for
+    # L-BFGS's line search. A Σ_i that is still not factorisable (NaN, or indefinite beyond the
+    # jitter) is refused with a ValueError instead of torch's error.
+    scale = Sig.diagonal(dim1=-2, dim2=-1).mean(-1).detach()
+    jitter = 1e-9 * scale + torch.finfo(Sig.dtype).tiny
+    eye = torch.eye(k, dtype=Sig.dtype, device=Sig.device)
+    Lc, info = torch.linalg.cholesky_ex(Sig + jitter[:, None, None] * eye)
+    if bool((info > 0).any()):
+        i = int((info > 0).nonzero()[0, 0])
+        raise ValueError(
+            f"the ELBO's logit covariance of point {i} is not positive semi-definite (diagonal "
+            f"{Sig[i].diagonal().tolist()}): the variational scale or the Jacobian has non-finite or "
+            "huge values; check the model's outputs and prior_precision"
+        )
     f = mean[:, None, :] + torch.einsum("nkl,nsl->nsk", Lc, xi)  # (n, S, k)
     return -lik.pure_nll(f.reshape(n * S, -1), y.repeat_interleave(S, dim=0)).sum() / S
 

@@ -1,0 +1,112 @@
+r"""Where the classifier computes and what it costs: the space choice, and the guards that refuse a
+fit before its first pass over the data when its dense matrices exceed the memory budget or its
+estimated time exceeds ``time_limit``.
+
+Memory (n points, k outputs, p parameters, float64): function space holds the (n·k × n·k) kernel
+and the Newton system of the same size (≈ 4 (nk)² · 8 bytes, allowed up to 4 × the memory
+budget, as the kernel of fntk.ntk is); dense weight space holds J (n·k·p · 8 bytes, up to the
+budget) and the (p × p) precision.
+
+Time, by fntk's cost model (:mod:`fntk.ntk.costs`; F forward multiply-adds per point): function
+space forms the kernel (fntk.ntk's own estimate) and runs NEWTON_STEPS Cholesky factorisations of
+(n·k)³/3 flops per MAP solve; dense weight space forms J (a forward and k backward passes per
+point) and factorises JᵀHJ + λI (2nkp² + p³/3 flops) per Newton step; the matrix-free solvers
+cost a J·v plus a Jᵀ·u product (≈ 10·F·n flops at R_AD) per CG/L-BFGS/Lanczos step. With
+``prior_precision="marglik"`` the MAP is refitted MARGLIK_REFITS times. These are typical counts,
+so the estimate is a guard against hopeless fits (days), not a prediction to the second.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from fntk.errors import NTKMemoryError, TimeLimitError
+from fntk.linearize import Linearized
+from fntk.linearize.taps import analyze
+from fntk.ntk.costs import R_AD, R_GEMM, cheapest, cholesky_seconds
+from fntk.ntk.methods import choose_method
+from fntk.validation import over_memory, over_time
+
+#: weight space stays dense (explicit J, (p × p) Cholesky) up to this many parameters
+DENSE_MAX_PARAMS = 6000
+NEWTON_STEPS = 10  # typical damped-Newton steps of one MAP solve
+CG_STEPS = 20  # typical Newton-CG steps per Newton step (Eisenstat-Walker forcing)
+LBFGS_STEPS = 300  # typical L-BFGS iterations (with line-search evaluations) of one MAP solve
+MARGLIK_REFITS = 8  # typical MAP refits of the evidence search over λ
+F64_BYTES = 8
+
+
+def choose(lin: Linearized, n: int, k: int, space: str, solver: str, covariance: str) -> tuple[str, bool]:
+    """(space, dense) of a fit on n points; NTKMemoryError (naming the option) when the requested
+    space or dense covariance does not fit the memory budget."""
+    p, nk, budget = lin.num_params, n * k, lin.memory_budget
+    kernel_bytes = 4 * nk * nk * F64_BYTES
+    fits_K = kernel_bytes <= 4 * budget
+    if space == "auto":  # one (n·k)³ or p³ factorisation per Newton step dominates either space
+        options = {"function": cholesky_seconds(nk) if fits_K and solver == "newton" else math.inf,
+                   "weight": cholesky_seconds(p)}
+        space = cheapest(options, "the classifier's space")
+    elif space == "function" and not fits_K:
+        raise NTKMemoryError(over_memory(
+            f"space='function' on n={n:,} points × k={k} outputs (the {nk:,} × {nk:,} kernel and Newton "
+            "system)", kernel_bytes, 4 * budget, "4 × memory_budget",
+            "use space='weight' (or 'auto'), fewer points, or a larger memory_budget",
+        ))
+    J_bytes = nk * p * F64_BYTES
+    if covariance == "auto":
+        dense = p <= DENSE_MAX_PARAMS and J_bytes <= budget
+    else:
+        dense = covariance == "dense"
+        if dense and space == "weight" and J_bytes + p * p * F64_BYTES > budget:
+            raise NTKMemoryError(over_memory(
+                f"covariance='dense' (J of {n:,} points × {k} outputs × {p:,} parameters and the "
+                f"{p:,} × {p:,} precision)", J_bytes + p * p * F64_BYTES, budget, "memory_budget",
+                "use covariance='lowrank' (matrix-free) or 'auto', or a larger memory_budget",
+            ))
+    return space, dense
+
+
+def estimate_seconds(
+    lin: Linearized, x: Tensor, space: str, dense: bool, solver: str, marglik: bool, rank: int
+) -> float:
+    """Estimated seconds of a MAP/Laplace fit (see the module docstring) on checked inputs x."""
+    n, k, p = x.shape[0], lin.num_outputs, lin.num_params
+    F = analyze(lin, x).flops
+    solves = 1 + (MARGLIK_REFITS if marglik else 0)
+    if space == "function":
+        _, est = choose_method(lin, x, None, outputs="full")
+        nk = n * k
+        step = cholesky_seconds(nk) + 2.0 * nk * nk * k / R_GEMM
+        return min(est.values()) + solves * NEWTON_STEPS * step
+    product = 10.0 * F * n * k / R_AD
+    if dense:
+        jac = n * 2 * F * (1 + 2 * k) / R_AD
+        return jac + solves * NEWTON_STEPS * (2.0 * n * k * p * p + p**3 / 3) / R_GEMM
+    steps = LBFGS_STEPS if solver == "lbfgs" else NEWTON_STEPS * CG_STEPS
+    return solves * (steps + 2 * rank + 20) * product
+
+
+def check_time(seconds: float, limit: float | None, n: int, p: int, space: str) -> None:
+    """TimeLimitError when the estimate exceeds ``limit`` (None: no limit)."""
+    msg = over_time(
+        f"LinearizedClassifier.fit ({space}; n={n:,} points, p={p:,} parameters)", seconds, limit,
+        "fit fewer points or a parameter subset (params=...)",
+    )
+    if msg is not None:
+        raise TimeLimitError(msg)
+
+
+def predict_rows(lin: Linearized, backend: object, inference: str, vi_family: str, m: int, chunk: int) -> int:
+    """Test points per prediction block: weight space forms J(x) rows (k·p numbers per point, two
+    copies, when dense) in blocks of at most ``chunk`` points that fit the memory budget; function
+    space (fntk.ntk's test kernels) and mean-field VI size their blocks to the budget themselves."""
+    if getattr(backend, "space", None) != "weight" or (inference == "vi" and vi_family == "meanfield"):
+        return m
+    if getattr(backend, "dense", False):
+        chunk = min(chunk, max(1, lin.memory_budget // (3 * F64_BYTES * lin.num_outputs * lin.num_params)))
+    return chunk
+
+
+__all__ = ["choose", "estimate_seconds", "check_time", "predict_rows", "DENSE_MAX_PARAMS"]
