@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -18,16 +20,23 @@ from fntk import distributed, experiments
 from fntk.experiments import EXPERIMENTS
 from fntk.experiments.common import RunConfig
 
+#: errors that are the user's (paths, permissions, unreadable or corrupt files, bad values): one
+#: line on stderr and exit code 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+
 
 def _config(args: argparse.Namespace):
     out = Path(args.out) if args.out else Path("results") / args.experiment
     data = Path(args.data) if args.data else None
-    return RunConfig(out=out, data=data, seed=args.seed, quick=args.quick)
+    cfg = RunConfig(out=out, data=data, seed=args.seed, quick=args.quick)
+    cfg.check()  # before anything is trained: --out, the cache and --data are usable folders
+    return cfg
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     module = experiments.load(args.experiment)
-    module.run(_config(args))
+    module.run(cfg)
     return 0
 
 
@@ -83,14 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args))
         ok = True
         return code
-    except (FileNotFoundError, ValueError) as err:
-        # expected user errors (missing data path, bad option): one line, no traceback
+    except USER_ERRORS as err:
+        # expected user errors (missing data path, bad option, corrupt file): one line, no traceback
         if distributed.is_main():
-            print(f"fntk: error: {err}", file=sys.stderr)
+            print(f"fntk: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            print("fntk: interrupted (files already written are complete: fntk writes atomically)",
+                  file=sys.stderr)
+        return 130
     finally:
         if ours:  # a group we opened is closed cleanly (torch warns, gloo may abort, otherwise)
             distributed.shutdown(ok)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -6,16 +6,17 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from fntk import baselines, distributed
+from fntk import baselines, distributed, persist
 from fntk.data.nets import heteroscedastic_nll
 
 
@@ -37,6 +38,24 @@ class RunConfig:
             self.cache = Path(env) if env else self.out / "cache"
         self.cache = Path(self.cache)
 
+    def check(self) -> None:
+        """Refuse, before anything is trained, an ``out`` or ``cache`` that is not a creatable,
+        writable folder, and a ``data`` that is not a folder (ValueError naming the option); creates
+        ``out`` and ``cache``."""
+        for flag, folder in (("--out", self.out), ("cache folder ($FNTK_CACHE or --out/cache)", self.cache)):
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"{flag} {str(folder)!r} exists and is not a folder; choose another path")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{flag} {str(folder)!r} cannot be created: {err.strerror or err}") from err
+            if not os.access(folder, os.W_OK):
+                raise ValueError(f"{flag} {str(folder)!r} is not writable")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ValueError(
+                f"--data {str(self.data)!r} is not a folder (expected one laid out like shared/data)"
+            )
+
 
 def experiment_grid(cfg: RunConfig, quick: dict[str, Any], full: dict[str, Any]) -> tuple[dict, list[int]]:
     """(grid, seeds) of an experiment run: ``quick`` or ``full`` as ``cfg.quick`` says, with the entries
@@ -51,17 +70,53 @@ def progress(it: Iterable, desc: str, total: int | None = None) -> Iterable:
     return tqdm(it, desc=desc, total=total, leave=False, disable=not distributed.is_main())
 
 
-def cached_state(cache: Path, key: str, train: Callable[[], torch.nn.Module], model: torch.nn.Module):
-    """Load ``model``'s weights from ``cache/key.pt`` if present, else ``train()`` and save them."""
-    path = Path(cache) / f"{key}.pt"
+T = TypeVar("T")
+
+
+def cached(path: Path, read: Callable[[Any], T], build: Callable[[], T], dump: Callable[[T], Any]) -> T:
+    """``read(torch.load(path))`` if the cache entry ``path`` exists and reads, else ``build()``,
+    stored as ``torch.save(dump(value))``.
+
+    An entry that cannot be read (truncated or corrupt, e.g. a run killed while an older fntk wrote
+    it) or that ``read`` rejects (it raises: other names or shapes) is reported on stderr by name,
+    removed and rebuilt. Entries are written atomically (:func:`fntk.persist.atomic_write`), on the
+    main rank only."""
+    path = Path(path)
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model
-    trained = train()
+        try:
+            return read(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # any unreadable entry: truncated zip, bad pickle, wrong contents
+            why = " ".join(str(err).split())[:160] or type(err).__name__
+            if distributed.is_main():
+                msg = f"fntk: cache entry {path} is corrupt ({why}); removed, rebuilding it"
+                tqdm.write(msg, file=sys.stderr)
+                path.unlink(missing_ok=True)
+    value = build()
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(trained.state_dict(), path)
-    return trained
+        data = dump(value)
+        persist.atomic_write(path, lambda fh: torch.save(data, fh), "cache")
+    return value
+
+
+def load_matching(model: torch.nn.Module, state: Any) -> torch.nn.Module:
+    """``model.load_state_dict(state)`` after checking that ``state`` is a state dict with exactly
+    ``model``'s names and shapes (ValueError otherwise, leaving ``model`` untouched)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    if got != expected:
+        raise ValueError("its parameter names or shapes differ from the network's")
+    model.load_state_dict(state)
+    return model
+
+
+def cached_state(cache: Path, key: str, train: Callable[[], torch.nn.Module], model: torch.nn.Module):
+    """``model`` with the weights of ``cache/key.pt`` if that entry is valid, else ``train()`` (its
+    weights then cached; see :func:`cached`: corrupt entries are reported, removed and rebuilt)."""
+    return cached(Path(cache) / f"{key}.pt", lambda state: load_matching(model, state), train,
+                  lambda trained: trained.state_dict())
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -135,7 +190,8 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
     path = Path(out) / "results.json"
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(clean(results), indent=2))
+        text = json.dumps(clean(results), indent=2).encode()
+        persist.atomic_write(path, lambda fh: fh.write(text), "results")
     return path
 
 
@@ -194,7 +250,8 @@ def save_figure(fig, out: Path, name: str) -> Path:
     path = Path(out) / name
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        persist.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"),
+                             "figure")
     plt.close(fig)
     return path
 
