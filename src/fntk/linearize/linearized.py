@@ -6,56 +6,76 @@ J(x)v, vector-Jacobian products J(x)ᵀu, the explicit Jacobian and the linear m
 
     f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂).
 
-Shapes: n points, k outputs (the network's output flattened per point), p selected parameters,
+Shapes: n points, k outputs (the selected output flattened per point), p selected parameters,
 r right-hand sides. Parameter vectors are flat (p,) in ``named_parameters()`` order.
 
-The user's module is never touched: we work on a private deep copy put in eval mode (BatchNorm
-uses running statistics, Dropout is off), whose tensors are passed explicitly to
-``functional_call``. Parameters, buffers, train/eval flags, ``requires_grad``, ``.grad`` and hooks
-of the user's model stay exactly as they were, whatever happens inside a call.
+The user's module is never touched: we work on a private deep copy without the user's hooks
+(:mod:`.private`), in eval mode (BatchNorm uses running statistics, Dropout is off), whose tensors
+are passed explicitly to ``functional_call``. On the first call with data, capability probes
+(:mod:`.probes`) decide which autodiff path each product takes (:attr:`Linearized.capabilities`);
+every call runs under fntk's torch settings (:mod:`.scope`) and holds the object's lock, so one
+``Linearized`` may be shared by threads (their calls on it run one at a time).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from fntk import distributed
-from fntk.linearize import engine
+from fntk.errors import NTKMemoryError
+from fntk.linearize import checks, engine, fallbacks, first_call, probes, scope, second_order
+from fntk.linearize.outputs import OutputFn, check_output_fn
+from fntk.linearize.private import check_model, frozen_rows, private_copy, uses_embedding
 from fntk.linearize.selection import ParamSelection, select
 from fntk.settings import get_memory_budget
 
-
-def _uses_embedding(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+#: cost of a validated path relative to the fast one (per pass), for the planners; measured in
+#: benchmarks/RESULTS.md ("Capability probes and fallbacks")
+SLOWDOWN = {
+    "jvp": {"forward": 1.0, "double_vjp": 2.0},  # "rows": k' backward passes per point, see slowdown
+    "vjp": {"vmap": 1.0, "loop": 3.0},
+    "rows": {"nested_vmap": 1.0, "cotangent_vmap": 4.0, "loop": 12.0},
+}
 
 
 class Linearized:
     """First-order Taylor expansion of ``model`` in its (selected) parameters at their current value.
 
     Args:
-        model: any ``nn.Module`` mapping a batch x of shape (n, *feature_shape) to outputs of shape
-            (n, *out_shape); the outputs are flattened to (n, k).
+        model: any ``nn.Module`` mapping a batch x of shape (n, *feature_shape) to outputs whose
+            selected tensor has shape (n, *out_shape); it is flattened to (n, k). Points must not
+            interact (checked).
         params: which parameters are linearized (the others stay fixed at their value): ``None``
             for all with ``requires_grad``; an iterable of names from ``model.named_parameters()``;
             or a predicate ``(name, param) -> bool``.
         memory_budget: bytes of working memory one batched call may use (default: the module-wide
             setting, 2 GiB). Large n or r are split into chunks that fit.
+        output_fn: maps the model's output to the tensor (n, ...) that is linearized (a pure torch
+            function; see :mod:`fntk.linearize.outputs`). Default: a tensor as it is, a dict or
+            ``ModelOutput`` → its ``"logits"``; tuples need an ``output_fn``.
+
+    Raises (when built): ValueError/TypeError for NaN/Inf or complex parameters or buffers and
+    for ``nn.Embedding(max_norm=...)``; on the first call with data, ValueError for a model whose
+    points interact, whose output is not real floating point, or that autograd cannot
+    differentiate (see :mod:`fntk.linearize.probes`).
     """
 
-    def __init__(self, model: nn.Module, params: ParamSelection = None, memory_budget: int | None = None):
+    def __init__(self, model: nn.Module, params: ParamSelection = None, memory_budget: int | None = None,
+                 output_fn: OutputFn | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.names = select(model, params)
         if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
             raise ValueError(f"memory_budget must be a positive int of bytes, got {memory_budget!r}")
         self._budget = memory_budget
-        # A private copy in eval mode: the user's module (flags, hooks, grads) is never used again.
-        self._module = copy.deepcopy(model).eval()
-        self._module.requires_grad_(False)
+        self.output_fn = check_output_fn(output_fn)
+        check_model(model)
+        self._module = private_copy(model)  # the user's module (flags, hooks, grads) is never used again
         named_p = dict(self._module.named_parameters())
         sel = set(self.names)
         self._theta = {n: named_p[n].detach() for n in self.names}
@@ -67,10 +87,15 @@ class Linearized:
         self.shapes = [self._theta[n].shape for n in self.names]
         self.numels = [self._theta[n].numel() for n in self.names]
         self.num_params: int = sum(self.numels)
-        self._int_inputs = _uses_embedding(model)
+        frozen = frozen_rows(self._module, self.names, self.shapes)
+        self._keep = None if frozen is None else (~frozen).to(self.dtype)
+        self._int_inputs = uses_embedding(model)
         self._k: int | None = None
         self._feature_shape: tuple[int, ...] | None = None
         self._act_per_example: int | None = None
+        self._caps: probes.Capabilities | None = None
+        self._probe_x: Tensor | None = None
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ basics
     @property
@@ -91,18 +116,38 @@ class Linearized:
 
     @property
     def module(self) -> nn.Module:
-        """The private eval-mode copy of the model (do not modify it)."""
+        """The private eval-mode copy of the model, without user hooks (do not modify it)."""
         return self._module
+
+    @property
+    def capabilities(self) -> probes.Capabilities:
+        """Which autodiff path each product takes, as validated by the probes on the first call
+        with data (see :class:`fntk.linearize.probes.Capabilities`)."""
+        if self._caps is None:
+            raise RuntimeError("capabilities are probed on the first call with data: call forward(x) first")
+        return self._caps
+
+    def slowdown(self, what: str) -> float:
+        """Cost per pass of the validated path for ``what`` ("jvp", "vjp", "rows") relative to the
+        fast path (1.0 when the fast path is validated); J V from rows costs k' backward passes."""
+        mode = getattr(self.capabilities, what)
+        if what == "jvp" and mode == "rows":
+            return (1 + 2 * self.num_outputs) * SLOWDOWN["rows"][self.capabilities.rows] / 2
+        return SLOWDOWN[what][mode]
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        """The lock on the private module and fntk's torch settings, for one call."""
+        with self._lock, scope.evaluation_scope():
+            yield
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split a flat (..., p) vector into a dict of per-parameter (..., *shape) views."""
-        lead = v.shape[:-1]
-        parts = torch.split(v, self.numels, dim=-1)
-        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, parts, self.shapes)}
+        return engine.unflatten(v, self.names, self.shapes)
 
     def flatten(self, d: dict[str, Tensor], lead: int = 0) -> Tensor:
         """Inverse of :meth:`unflatten`: a dict of (*lead, *shape) tensors to a flat (*lead, p)."""
-        return torch.cat([d[n].reshape(*d[n].shape[:lead], -1) for n in self.names], dim=-1)
+        return engine.flatten(d, self.names, lead)
 
     def theta_dict(self) -> dict[str, Tensor]:
         """The selected parameters θ̂ as a name → tensor dict (shared storage, do not modify)."""
@@ -113,112 +158,63 @@ class Linearized:
         return dict(self._fixed)
 
     def function(self, x: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
-        """The pure map θ (dict of the selected parameters) ↦ f(x; θ) as an (n, k) tensor."""
-        return engine.model_function(self._module, self._fixed, x)
+        """The pure map θ (dict of the selected parameters) ↦ f(x; θ) as an (n, k) tensor. It uses the
+        private module: call it only inside this object's methods (they hold its lock)."""
+        return engine.model_function(self._module, self._fixed, x, self.output_fn)
+
+    def _project(self, V: Tensor) -> Tensor:
+        """V (p, r) with the autograd-frozen entries (padding rows of embeddings) zeroed."""
+        return V if self._keep is None else V * self._keep[:, None]
+
+    def _target(self) -> probes.Target:
+        return probes.Target(self._module, self._fixed, self._theta, self.names, self.shapes,
+                             self.output_fn, self._keep)
 
     def per_example_jacobian(
         self, names: list[str] | None = None, output: int | None = None, split: bool = False
     ) -> Callable[[Tensor], Tensor | list[Tensor]]:
         """x (b, ...) ↦ per-example Jacobian rows (b, k', p_sub) of the selected parameters ``names``
         (all when None, in :attr:`names` order) for all k outputs or (k' = 1) one ``output``; with
-        ``split`` a list of per-parameter blocks. Inputs must be checked. See :mod:`.engine`."""
+        ``split`` a list of per-parameter blocks. Inputs must be checked; the path is the probed
+        ``capabilities.rows`` (see :mod:`.engine`)."""
         chosen = self.names if names is None else [n for n in self.names if n in set(names)]
-        return engine.per_example_jacobian(
-            self._module, self._fixed, self._theta, chosen, self.num_outputs, output, split
-        )
+        kk = self.num_outputs if output is None else 1
+        item = torch.finfo(self.dtype).bits // 8
+        points = fallbacks.BASIS_POINTS  # cotangent basis: b·k' copies of a chunk of b points
+        act = self.activation_numel
+        while points > 1 and 3 * act * (1 + points * kk) * points * item > self.memory_budget:
+            points //= 2
+        run = engine.per_example_jacobian(self._module, self._fixed, self._theta, chosen, self.num_outputs,
+                                          output, split, self.capabilities.rows, self.output_fn, points)
 
-    # ------------------------------------------------------------------ checks
+        def locked(x: Tensor) -> Tensor | list[Tensor]:
+            with self._session():
+                return run(x)
+
+        return locked
+
+    # ------------------------------------------------------------------ checks and probes
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate x (n, *feature_shape) and move it to the model's device/dtype (floats only)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have a leading batch axis (n, ...), got a scalar")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} is empty: got shape {tuple(x.shape)}, expected at least one point")
-        if x.is_floating_point() or x.is_complex():
-            x = x.to(device=self.device, dtype=self.dtype)
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{name} contains NaN or Inf (first at index {i})")
-        elif x.dtype == torch.bool or not self._int_inputs:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but the model is a {self.dtype} model without an "
-                "Embedding layer; pass floating-point inputs"
-            )
-        else:
-            x = x.to(self.device)
+        """Validate x (n, *feature_shape) and move it to the model's device/dtype (floats only).
+        The first call runs the capability probes on its first points."""
+        x = checks.check_x(x, name, self.dtype, self.device, self._int_inputs)
         if self._feature_shape is not None and tuple(x.shape[1:]) != self._feature_shape:
             raise ValueError(
                 f"{name} has feature shape {tuple(x.shape[1:])} (full shape {tuple(x.shape)}), expected "
                 f"(n, {', '.join(map(str, self._feature_shape))}) as in earlier calls"
             )
-        if self._feature_shape is None:
-            self._probe(x, name)
+        if self._caps is None:
+            with self._session():
+                if self._caps is None:  # another thread may have probed meanwhile
+                    first_call.setup(self, x, name)
         distributed.check_same(x, name)
         return x
 
-    def _probe(self, x: Tensor, name: str) -> None:
-        """One forward on a single point: finds k, the activation size, and rejects bad shapes early."""
-        counts: list[int] = []
-
-        def hook(_m, _i, out):
-            if isinstance(out, Tensor):
-                counts.append(out.numel())
-
-        handles = [m.register_forward_hook(hook) for m in self._module.modules()]
-        try:
-            with torch.no_grad():
-                out = self.function(x[:1])(self._theta)
-        except (RuntimeError, IndexError) as err:
-            raise ValueError(
-                f"{name} of shape {tuple(x.shape)} does not fit the model: the forward pass failed with "
-                f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            ) from err
-        finally:
-            for h in handles:  # hooks live on our private copy, and are removed again
-                h.remove()
-        self._k = int(out.shape[1])
-        self._feature_shape = tuple(x.shape[1:])
-        self._act_per_example = max(int(sum(counts)), self._k, 1)
-
     def _check_vec(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
-        """v: (p,) or (p, r) → (p, r), and whether it was a single vector."""
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(
-                f"{name} must have shape ({self.num_params},) or ({self.num_params}, r) for the "
-                f"{self.num_params} selected parameters, got {tuple(v.shape)}"
-            )
-        if not v.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {v.dtype}")
-        v = v.to(device=self.device, dtype=self.dtype)
-        return (v[:, None], True) if v.dim() == 1 else (v, False)
+        return checks.check_vec(v, self.num_params, self.dtype, self.device, name)
 
     def _check_cotangent(self, u: Tensor, n: int, name: str = "u") -> tuple[Tensor, bool]:
-        """u: (n, k) | (n, k, r), or (n,) | (n, r) when k == 1 → (n, k, r), and single-vector flag."""
-        k = self.num_outputs
-        if not isinstance(u, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
-        if not u.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {u.dtype}")
-        u = u.to(device=self.device, dtype=self.dtype)
-        if u.dim() >= 1 and u.shape[0] == n:
-            if u.dim() == 2 and u.shape[1] == k:
-                return u[..., None], True
-            if u.dim() == 3 and u.shape[1] == k:
-                return u, False
-            if k == 1 and u.dim() == 1:
-                return u[:, None, None], True
-            if k == 1 and u.dim() == 2:
-                return u[:, None, :], False
-        raise ValueError(
-            f"{name} must have shape ({n}, {k}) or ({n}, {k}, r) for n={n} points and k={k} outputs"
-            + (f" (or ({n},) / ({n}, r) since k == 1)" if k == 1 else "")
-            + f", got {tuple(u.shape)}"
-        )
+        return checks.check_cotangent(u, n, self.num_outputs, self.dtype, self.device, name)
 
     # ------------------------------------------------------------------ chunking
     @property
@@ -243,18 +239,6 @@ class Linearized:
         size = max(1, int(size))
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    # ------------------------------------------------------------------ maps
-    def forward(self, x: Tensor) -> Tensor:
-        """f(x; θ̂): (n, k)."""
-        x = self.check_input(x)
-        size = self.rows_per_chunk(0)
-
-        def rows(xs: Tensor) -> Tensor:
-            with torch.no_grad():
-                return torch.cat([self.function(xs[s])(self._theta) for s in self.chunks(xs.shape[0], size)])
-
-        return self._by_rank(rows, x)
-
     def _by_rank(self, fn: Callable[..., Tensor], x: Tensor, *row_args: Tensor) -> Tensor:
         """fn(x, *row_args) on all rows; under torch.distributed each rank does its shard of the
         rows and the row blocks are all-gathered."""
@@ -267,17 +251,43 @@ class Linearized:
             local = fn(x[:1], *(a[:1] for a in row_args))[:0]
         return distributed.gather_rows(local, n)
 
+    # ------------------------------------------------------------------ maps
+    def forward(self, x: Tensor) -> Tensor:
+        """f(x; θ̂): (n, k)."""
+        x = self.check_input(x)
+        size = self.rows_per_chunk(0)
+
+        def rows(xs: Tensor) -> Tensor:
+            with torch.no_grad(), self._session():
+                return torch.cat([self.function(xs[s])(self._theta) for s in self.chunks(xs.shape[0], size)])
+
+        return self._by_rank(rows, x)
+
     def jvp_block(self, x: Tensor, V: Tensor) -> Tensor:
-        """J(x) V for checked x and V (p, r) → (n, k, r), unchunked: one forward, tangents vmapped."""
-        return engine.jvp_columns(self.function(x), self._theta, self.unflatten(V.T))
+        """J(x) V for checked x and V (p, r) → (n, k, r), unchunked (one forward with the tangents
+        vmapped, or the probed fallback)."""
+        V = self._project(V)
+        if self.capabilities.jvp == "rows":
+            return torch.einsum("nkp,pr->nkr", self.per_example_jacobian()(x), V)
+        mode = self.capabilities.jvp
+        with self._session():
+            return engine.jvp_columns(self.function(x), self._theta, self.unflatten(V.T), mode)
 
     def vjp_block(self, x: Tensor, U: Tensor) -> Tensor:
-        """J(x)ᵀ U for checked x and U (n, k, r) → (p, r), unchunked: one vjp closure, vmapped."""
-        return self.flatten(engine.vjp_columns(self.function(x), self._theta, U), lead=1).T
+        """J(x)ᵀ U for checked x and U (n, k, r) → (p, r), unchunked (one vjp closure, vmapped)."""
+        with self._session():
+            cols = engine.vjp_columns(self.function(x), self._theta, U, self.capabilities.vjp)
+        return self.flatten(cols, lead=1).T
+
+    def _jvp_rows(self, r: int) -> int:
+        k = self.num_outputs
+        if self.capabilities.jvp == "rows":
+            return self.rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
+        return self.rows_per_chunk(r)
 
     def jvp_mat(self, x: Tensor, V: Tensor) -> Tensor:
         """J(x) V on checked inputs: V (p, r) → (n, k, r), chunked over points to the budget."""
-        size = self.rows_per_chunk(V.shape[1])
+        size = self._jvp_rows(V.shape[1])
 
         def rows(xs: Tensor) -> Tensor:
             return torch.cat([self.jvp_block(xs[s], V) for s in self.chunks(xs.shape[0], size)])
@@ -312,14 +322,24 @@ class Linearized:
     def jacobian(self, x: Tensor) -> Tensor:
         """The explicit Jacobian J(x): (n, k, p), computed in chunks of points that fit the budget.
 
-        Per-example reverse mode (vmap over points of jacrev on a one-point batch): one batched
-        forward and k batched backward passes per chunk. Points never interact in eval mode.
+        Per-example reverse mode (by default vmap over points of jacrev on a one-point batch: one
+        batched forward and k batched backward passes per chunk; see ``capabilities.rows``).
+        Raises NTKMemoryError before allocating when n·k·p numbers exceed the memory budget.
         """
         return self.jacobian_mat(self.check_input(x))
 
     def jacobian_mat(self, x: Tensor, output: int | None = None) -> Tensor:
         """J(x) on checked inputs: (n, k, p), or (n, p) for a single ``output``."""
         k = self.num_outputs if output is None else 1
+        need = x.shape[0] * k * self.num_params * torch.finfo(self.dtype).bits // 8
+        if need > self.memory_budget:
+            gib = 1024**3
+            raise NTKMemoryError(
+                f"the Jacobian of shape ({x.shape[0]}, {k}, {self.num_params}) ({self.dtype}) needs "
+                f"{need / gib:.3g} GiB, more than the memory budget of {self.memory_budget / gib:.3g} "
+                "GiB; use products (jvp/vjp, JacobianOperator), fewer points or parameters, or raise "
+                "memory_budget (Linearized(memory_budget=...) or fntk.set_memory_budget)"
+            )
         size = self.rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
         per_point = self.per_example_jacobian(None, output)
 
@@ -328,6 +348,24 @@ class Linearized:
             return J if output is None else J[:, 0]
 
         return self._by_rank(rows, x)
+
+    # ------------------------------------------------------------------ second order (GGN products)
+    def second_order_path(self, what: str) -> str:
+        """The probed path for "ggn", "hvp" or "grad" (see :class:`~fntk.linearize.Capabilities`);
+        ValueError, naming the failing operation, when the model has none. Needs a first call."""
+        return second_order.path(self, what)
+
+    def ggn_block(self, x: Tensor, V: Tensor, hop: Callable[[Tensor], Tensor]) -> Tensor:
+        """J(x)ᵀ hop(J(x) V) (p, r) for checked x, V (p, r), hop (n, k, r) → (n, k, r); unchunked."""
+        return second_order.ggn_product(self, x, V, hop)
+
+    def gradients_at(self, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], S: Tensor) -> Tensor:
+        """[∇_θ loss_of_f(f(x; θ̂ + s_j))]_j (p, r) for parameter steps S (p, r); unchunked."""
+        return second_order.gradients_at(self, x, loss_of_f, S)
+
+    def hessian_product(self, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
+        """∇²_θ loss_of_f(f(x; θ)) at θ̂ times V (p, r); unchunked."""
+        return second_order.hessian_product(self, x, loss_of_f, V)
 
     def __call__(self, x: Tensor, w: Tensor) -> Tensor:
         """f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂). x: (n, ...); w: (p,) → (n, k)."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fntk.linearize.linearized import Linearized
 
@@ -87,16 +86,17 @@ def analyze(lin: Linearized, x: Tensor) -> Analysis:
         calls[id(m)].append((None if i is None else tuple(i.shape), None if o is None else tuple(o.shape)))
 
     probes = []
-    handles = [m.register_forward_hook(hook) for m in mods]
-    try:
-        with torch.no_grad():
-            for b in (1, 3):
-                calls.clear()
-                lin.function(x[:1].expand(b, *x.shape[1:]).clone())(lin.theta_dict())
-                probes.append({key: list(v) for key, v in calls.items()})
-    finally:
-        for h in handles:
-            h.remove()
+    with lin._session():  # the hooks live on the shared private copy: hold its lock
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            with torch.no_grad():
+                for b in (1, 3):
+                    calls.clear()
+                    lin.function(x[:1].expand(b, *x.shape[1:]).clone())(lin.theta_dict())
+                    probes.append({key: list(v) for key, v in calls.items()})
+        finally:
+            for h in handles:
+                h.remove()
     owners: dict[int, list] = defaultdict(list)
     for m in mods:
         for attr, p in m._parameters.items():
@@ -135,7 +135,7 @@ def _verify(lin: Linearized, an: Analysis, x: Tensor) -> None:
     u = u.to(dtype=lin.dtype, device=lin.device)
     X = features(lin, an, ["explicit"] * len(an.layers), u, x3)[0].sum(0)[0]
     theta = {n: t.detach().requires_grad_(n in set(names)) for n, t in lin.theta_dict().items()}
-    with torch.enable_grad():
+    with torch.enable_grad(), lin._session():
         y = lin.function(x3)(theta)
         true = torch.autograd.grad((y * u[0]).sum(), [theta[n] for n in names], allow_unused=True)
     eps, off, bad = torch.finfo(lin.dtype).eps, 0, set()
@@ -199,7 +199,15 @@ def features(
     fb: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """[X (b, k', Q) explicit per-example gradients, then (a, G) per factored layer] for x (b, ...)
-    and output cotangents E (k', b, k) (one-hot rows select the outputs)."""
+    and output cotangents E (k', b, k) (one-hot rows select the outputs).
+
+    Holds ``lin``'s lock while its temporary hooks are on the private copy; the k' backward
+    passes are batched unless the probes found the batched pull-back wrong (``capabilities.vjp``)."""
+    with lin._session():
+        return _features(lin, an, modes, E, x, fb)
+
+
+def _features(lin, an, modes, E, x, fb):
     b, kk = x.shape[0], E.shape[0]
     rec: dict[int, tuple[Tensor, Tensor]] = {}
     kinds = {id(L.module): L.kind for L in an.layers}
@@ -217,7 +225,7 @@ def features(
         handles = [L.module.register_forward_hook(hook) for L in an.layers]
         try:
             with torch.enable_grad():
-                y = functional_call(lin.module, {**lin.fixed_dict(), **theta}, (x,)).reshape(b, -1)
+                y = lin.function(x)(theta)
         finally:
             for h in handles:
                 h.remove()
@@ -225,9 +233,11 @@ def features(
         if any(o.shape[0] != b for o in outs):
             raise RuntimeError("a layer's output is not point-major for this input; use method='contraction'")
         with torch.enable_grad():
-            if kk == 1:
-                grads = torch.autograd.grad(y, outs, E[0], allow_unused=True)
-                grads = [None if g is None else g[None] for g in grads]
+            if kk == 1 or lin.capabilities.vjp == "loop":
+                cols = [torch.autograd.grad(y, outs, E[c], allow_unused=True, retain_graph=c < kk - 1)
+                        for c in range(kk)]
+                grads = [None if cols[0][i] is None else torch.stack([col[i] for col in cols])
+                         for i in range(len(outs))]
             else:
                 grads = torch.autograd.grad(y, outs, E, is_grads_batched=True, allow_unused=True)
         for L, m, g, o in zip(an.layers, modes, grads, outs):

@@ -32,10 +32,11 @@ def cholesky_seconds(N: int, count: int = 1) -> float:
     return count * N**3 / 3 / R_GEMM
 
 
-def ntk_product_seconds(flops: float, n1: int, n2: int, r: int) -> float:
+def ntk_product_seconds(flops: float, n1: int, n2: int, r: int, vjp: float = 1.0, jvp: float = 1.0) -> float:
     """One matrix-free K V with r columns: a forward and r backward passes over x2, r forward-mode
-    passes over x1 (about 2 units each), ``flops`` the forward multiply-adds per point."""
-    return 2 * flops * (n2 * (1 + 2 * r) + 2 * n1 * r) / R_AD
+    passes over x1 (about 2 units each), ``flops`` the forward multiply-adds per point; ``vjp`` and
+    ``jvp`` price the validated paths of the two halves (``Linearized.slowdown``, 1 = fast path)."""
+    return 2 * flops * (n2 * (1 + 2 * r) * vjp + 2 * n1 * r * jvp) / R_AD
 
 
 __all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds"]

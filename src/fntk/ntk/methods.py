@@ -2,7 +2,10 @@
 
 The planner estimates each method's time from fntk's cost model (:mod:`fntk.ntk.costs`) over n1,
 n2, k', p and the layer shapes under the memory budget, and picks the cheapest method whose
-smallest working set fits.
+smallest working set fits. Every method runs on the autodiff paths the ``Linearized``'s probes
+validated (``lin.capabilities``); their passes are priced by ``lin.slowdown`` (1 for the fast
+paths, more for fallbacks such as per-example rows from cotangent vmaps), so e.g. a model
+without forward mode prices the products method's J V by reverse-over-reverse.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ def estimate(
     an = structured.analyze(lin, x1)
     n1, n2, kk, p = x1.shape[0], x2.shape[0], spec.kk, lin.num_params
     kp = kk * kk if spec.mode == "full" else kk
-    ad = 2 * an.flops * (1 + 2 * kk)  # one forward and k' backward passes, per point
+    ad = 2 * an.flops * (1 + 2 * kk) * lin.slowdown("rows")  # one forward, k' backward passes per point
+    taps = max(lin.slowdown("vjp") if an.layers else 1.0, lin.slowdown("rows") if an.fallback else 1.0)
     est = {}
     try:
         pl = structured.plan(lin, an, n1, n2, sym, spec, budget)
-        est[NTKMethod.STRUCTURED] = (pl.gemm / R_GEMM + pl.ad / R_AD) * (1.0 if an.layers else 1.05)
+        est[NTKMethod.STRUCTURED] = (pl.gemm / R_GEMM + taps * pl.ad / R_AD) * (1.0 if an.layers else 1.05)
     except NTKMemoryError:
         est[NTKMethod.STRUCTURED] = math.inf
     try:

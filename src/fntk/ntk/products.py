@@ -83,7 +83,8 @@ def products_ntk(
 
 
 def cost(lin: Linearized, flops: float, n1: int, n2: int, sym: bool, spec: Outputs) -> float:
-    """Flops of the forward/backward passes (forward-mode: ~4 flops per multiply-add per tangent)."""
+    """Flops of the forward/backward passes (forward-mode: ~4 flops per multiply-add per tangent),
+    priced by the validated paths' ``lin.slowdown``."""
     kk = spec.kk
     tangents = (n1 * (n1 + 1) / 2 if sym else n1 * n2) * kk
-    return 2 * flops * (n2 * (1 + 2 * kk) + 2 * tangents)
+    return 2 * flops * (n2 * (1 + 2 * kk) * lin.slowdown("rows") + 2 * tangents * lin.slowdown("jvp"))

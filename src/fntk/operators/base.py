@@ -44,7 +44,19 @@ def check_output(lin: Linearized, output: int | str) -> int | str:
 
 
 class LinOperator(LinearOperator):
-    """Base of the operators built on a :class:`~fntk.Linearized` ``self.lin``: its dtype and device."""
+    """Base of the operators built on a :class:`~fntk.Linearized` ``self.lin``: its dtype and device;
+    ``matmul`` refuses right-hand sides of the wrong size with a ValueError naming both shapes."""
+
+    def matmul(self, other):
+        if isinstance(other, Tensor):
+            N = self.shape[-1]
+            rows = other.shape[0] if other.dim() == 1 else other.shape[-2] if other.dim() >= 2 else None
+            if rows != N:
+                raise ValueError(
+                    f"{type(self).__name__} of shape {tuple(self.shape)} multiplies a vector ({N},) or "
+                    f"a matrix (..., {N}, r), got a tensor of shape {tuple(other.shape)}"
+                )
+        return super().matmul(other)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -37,7 +37,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
 
 from fntk.likelihoods import Likelihood
 from fntk.linearize import Linearized
@@ -112,6 +111,8 @@ class GGNOperator(SymmetricWeightOperator):
                     raise ValueError(f"logits must be a tensor of shape {tuple(_f.shape)} (n, k), got {got}")
                 _f = likelihood.check_outputs(logits.detach().to(_f), "logits")
             y = likelihood.check_target(y, _f)
+            if method != "exact":  # refuse up front when the model has no path for the products
+                lin.second_order_path("hvp" if method == "autograd" else "grad")
         super().__init__(
             lin=lin,
             x=x,
@@ -153,68 +154,38 @@ class GGNOperator(SymmetricWeightOperator):
 
     # ------------------------------------------------------------------ products, (p, r) → (p, r)
     def _exact(self, V: Tensor) -> Tensor:
-        """Σ_chunks J_sᵀ H_s J_s V, vmapped over the r columns.
-
-        Per chunk and column, one forward pass carries the tangent (forward mode: J v) while
-        recording the primal for reverse mode (``vjp`` of ``jvp``), so Jᵀ(H J v) is one backward
-        through that same forward: about 5/3 of a gradient's work per column, one forward shared.
-        """
-        lin, x, theta = self.lin, self.x, self.lin.theta_dict()
+        """Σ_chunks J_sᵀ H_s J_s V, all r columns at once (:meth:`fntk.Linearized.ggn_block`: by
+        default one forward per column carrying the tangent and recording the primal for reverse
+        mode, about 5/3 of a gradient's work per column)."""
+        lin, x = self.lin, self.x
         if self._hop is None:
             self._hop = self.likelihood.hessian_operator(self.f, self.y)
         hop = self._hop
         out = torch.zeros_like(V)
         for s in self._chunks(V.shape[1]):
-            f = lin.function(x[s])
-
-            def column(t, f=f, s=s):
-                _, pull, jv = vjp(lambda th: jvp(f, (th,), (t,)), theta, has_aux=True)
-                return pull(hop(jv[..., None], s)[..., 0])[0]
-
-            if V.shape[1] == 1:  # no vmap for a single column
-                out += lin.flatten(column(lin.unflatten(V[:, 0])))[:, None]
-            else:
-                out += lin.flatten(vmap(column)(lin.unflatten(V.T)), lead=1).T
+            out += lin.ggn_block(x[s], V, lambda u, s=s: hop(u, s))
         return out
 
-    def _kl_loss(self, s: slice):
-        """θ ↦ Σ_{i∈s} KL(p(·|f̂_i) ‖ p(·|f(x_i; θ))) in float64 (θ a dict of the selected params)."""
-        f_ref = self.f[s].detach().to(torch.float64)
-        f, kl = self.lin.function(self.x[s]), self.likelihood.pure_kl
-
-        def loss(theta: dict[str, Tensor]) -> Tensor:
-            return kl(f_ref, f(theta).to(torch.float64)).sum()
-
-        return loss
+    def _kl_of_outputs(self, s: slice):
+        """f ↦ Σ_{i∈s} KL(p(·|f̂_i) ‖ p(·|f_i)) in float64, for outputs f (b, k) of the chunk s."""
+        f_ref, kl = self.f[s].detach().to(torch.float64), self.likelihood.pure_kl
+        return lambda f: kl(f_ref, f.to(torch.float64)).sum()
 
     def _finite_difference(self, V: Tensor) -> Tensor:
-        """∇KL at θ̂ + ε v_j/‖v_j‖, times ‖v_j‖/ε, for each column j (vmapped)."""
-        lin, theta = self.lin, self.lin.theta_dict()
+        """∇KL at θ̂ + ε v_j/‖v_j‖, times ‖v_j‖/ε, for each column j (all columns at once)."""
         norms = V.norm(dim=0)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        steps = lin.unflatten((V * (self.eps / safe)).T)  # r leading
+        steps = V * (self.eps / safe)
         out = torch.zeros_like(V)
         for s in self._chunks(2 * V.shape[1]):
-            g = grad(self._kl_loss(s))
-
-            def at(step, g=g):
-                return g({n: theta[n] + step[n] for n in lin.names})
-
-            out += lin.flatten(vmap(at)(steps), lead=1).T
+            out += self.lin.gradients_at(self.x[s], self._kl_of_outputs(s), steps)
         return out * torch.where(norms > 0, safe / self.eps, torch.zeros_like(norms))
 
     def _autograd(self, V: Tensor) -> Tensor:
-        """∇²L(θ̂) V by forward-over-reverse (jvp of grad), vmapped over the r columns."""
-        lin, theta = self.lin, self.lin.theta_dict()
-        tangents = lin.unflatten(V.T)
+        """∇²L(θ̂) V (by default forward-over-reverse, jvp of grad), all r columns at once."""
         out = torch.zeros_like(V)
         for s in self._chunks(2 * V.shape[1]):
-            g = grad(self._kl_loss(s))
-
-            def hvp(t, g=g):
-                return jvp(g, (theta,), (t,))[1]
-
-            out += lin.flatten(vmap(hvp)(tangents), lead=1).T
+            out += self.lin.hessian_product(self.x[s], self._kl_of_outputs(s), V)
         return out
 
     def __repr__(self) -> str:

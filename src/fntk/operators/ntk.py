@@ -85,7 +85,8 @@ class NTKOperator(LinOperator):
             return False
         x2 = None if self.symmetric else self.x2
         _, est = choose_method(lin, self.x1, x2, self.outputs)
-        product = ntk_product_seconds(analyze(lin, self.x1).flops, self.x1.shape[0], self.x2.shape[0], r)
+        product = ntk_product_seconds(analyze(lin, self.x1).flops, self.x1.shape[0], self.x2.shape[0], r,
+                                      lin.slowdown("vjp"), lin.slowdown("jvp"))
         options = {"dense": min(est.values()), "matrix-free": DENSE_REUSE * product}
         return cheapest(options, "K @ V") == "dense"
 
