@@ -9,6 +9,8 @@
   ``fntk.likelihoods.HeteroscedasticGaussian(link="softplus")`` (:func:`heteroscedastic_mean_var`,
   :func:`heteroscedastic_nll`). (The paper's code used std = softplus(ρ) + 1e-5 instead.)
 - :class:`FacesCNN`: the paper's LeNet-style network for 45x45 rotated faces (2 outputs).
+- :class:`DigitEncoder`: a small strided CNN mapping MNIST-format digits to a feature vector (the
+  unsupervised source of ``fntk run unsup``).
 """
 
 from __future__ import annotations
@@ -164,3 +166,25 @@ class FacesCNN(nn.Module):
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         return self.linear2(F.relu(self.linear1(h.flatten(1))))
+
+
+class DigitEncoder(nn.Module):
+    """conv (1→16, k5, stride 2, pad 2) → ReLU → conv (16→32, k3, s2, p1) → ReLU → conv (32→64, k3,
+    s2, p1) → ReLU → flatten (64·4·4 = 1024, NCHW order) → linear (1024→``dim``).
+
+    forward: (N, 1, 28, 28) → (N, dim) features φ(x) (no final nonlinearity). 89,152 parameters for
+    dim = 64. Strided convolutions instead of pooling: ≈ 0.66 M multiply-adds per image.
+    """
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1)
+        self.linear = nn.Linear(64 * 4 * 4, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        h = F.relu(self.conv3(h))
+        return self.linear(h.flatten(1))
