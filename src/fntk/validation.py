@@ -149,6 +149,14 @@ def format_seconds(s: float) -> str:
     return f"{s / 86400:.3g} days"
 
 
+def format_bytes(n: float) -> str:
+    """A size for messages: '512 B', '3.2 KiB', '41 MiB', '7.5 GiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def over_time(what: str, estimate: float, limit: float | None, hint: str = "") -> str | None:
     """The message of a refused fit when ``estimate`` seconds exceed ``limit`` (else None)."""
     if limit is None or estimate <= limit:
@@ -165,7 +173,7 @@ def over_memory(what: str, nbytes: float, budget: int, option: str, hint: str = 
     if nbytes <= budget:
         return None
     return (
-        f"{what} needs {nbytes / 2**30:.3g} GiB, above the memory budget of {budget / 2**30:.3g} GiB "
+        f"{what} needs {format_bytes(nbytes)}, above the memory budget of {format_bytes(budget)} "
         f"({option}){'; ' + hint if hint else ''}"
     )
 
@@ -212,6 +220,7 @@ __all__ = [
     "check_options",
     "transaction",
     "format_seconds",
+    "format_bytes",
     "over_time",
     "over_memory",
     "progress",

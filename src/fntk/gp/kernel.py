@@ -43,6 +43,7 @@ from linear_operator.operators import (
 )
 from torch import Tensor, nn
 
+from fntk.errors import NTKMemoryError
 from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized, ParamSelection
 from fntk.ntk.costs import cheapest, cholesky_seconds
@@ -50,6 +51,7 @@ from fntk.operators import NTKOperator
 from fntk.operators.base import check_output
 from fntk.operators.gram import output_jacobian
 from fntk.settings import available_memory
+from fntk.validation import over_memory
 
 KERNEL_SPACES = ("auto", "function", "weight")
 
@@ -134,8 +136,12 @@ class NTKKernel(Kernel):
                 raise ValueError(
                     f"diag=True needs x1 and x2 of equal length, got {a.shape[0]} and {b.shape[0]}"
                 )
-            Ja, Jb = output_jacobian(self.lin, a, [c])[0], output_jacobian(self.lin, b, [c])[0]
-            return (Ja * Jb).sum(-1)
+            # k(a_i, b_i) = J_c(a_i)·J_c(b_i) over row blocks whose two (rows × p) Jacobians fit the budget
+            rows = max(1, self.lin.memory_budget // (2 * 8 * self.lin.num_params))
+            return torch.cat([
+                (output_jacobian(self.lin, a[s], [c])[0] * output_jacobian(self.lin, b[s], [c])[0]).sum(-1)
+                for s in self.lin.chunks(a.shape[0], rows)
+            ])
         b = None if same else self._inputs(x2, "x2")
         return NTKOperator(self.lin, a, b, outputs=c, _checked=True)
 
@@ -177,12 +183,18 @@ class NTKPredictionStrategy(DefaultPredictionStrategy):
         is_diag = isinstance(self.lik_train_train_covar, AddedDiagLinearOperator)
         if kernel.space == "function" or train_op is None or not is_diag or self.train_labels.dim() != 1:
             self.weight_space = False
-        elif kernel.space == "weight":
-            self.weight_space = True
         else:
-            fits = 3 * p * p * 8 <= available_memory() // 2
+            # the weight-space cache holds J (n × p), its scaled copy and three (p × p) matrices
+            need, limit = (2 * n * p + 3 * p * p) * 8, available_memory() // 2
+            fits = need <= limit
+            if kernel.space == "weight" and not fits:
+                raise NTKMemoryError(over_memory(
+                    f"NTKKernel(space='weight') prediction (J of {n:,} × {p:,} and {p:,} × {p:,} factors)",
+                    need, limit, "half the available memory", "use space='function' or 'auto'",
+                ))
             options = {"function": cholesky_seconds(n), "weight": cholesky_seconds(p) if fits else math.inf}
-            self.weight_space = cheapest(options, "the NTK prediction") == "weight"
+            chosen = "weight" if kernel.space == "weight" else cheapest(options, "the NTK prediction")
+            self.weight_space = chosen == "weight"
         self._train_op = train_op
 
     @property
