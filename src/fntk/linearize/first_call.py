@@ -46,7 +46,17 @@ def _shapes(lin, x: Tensor, name: str) -> None:
 
 
 def setup(lin, x: Tensor, name: str) -> None:
-    """Shapes from one point (unless known, e.g. after loading), then the probes on ≤ 3 points."""
+    """Shapes from one point (unless known, e.g. after loading), then the probes on ≤ 3 points; a
+    refusal leaves ``lin`` as it was (a later call with good data probes afresh)."""
+    known = (lin._k, lin._feature_shape, lin._act_per_example)
+    try:
+        _setup(lin, x, name)
+    except BaseException:
+        lin._k, lin._feature_shape, lin._act_per_example = known
+        raise
+
+
+def _setup(lin, x: Tensor, name: str) -> None:
     if lin._k is None or lin._feature_shape is None or lin._act_per_example is None:
         _shapes(lin, x, name)
     xb = checks.probe_batch(x, probes.PROBE_POINTS)
