@@ -134,6 +134,24 @@ def test_ggn_products_and_diagonal(name):
         assert rel_err(auto @ V, G @ V) <= TOL
 
 
+@pytest.mark.parametrize("name", ["lstm", "prelu_mlp", "transformer_text", "param_norms"])
+def test_float32_models_take_their_own_paths(name):
+    """float32 takes other kernels (an LSTM runs mkldnn: no forward mode, unlike float64), which the
+    probes find on their own; results agree with the float64 reference to float32 precision, also
+    inside torch.no_grad() (where mkldnn would save no workspace for a backward)."""
+    case, _, J, _ = setup(name)
+    m32 = build(name).model.float()
+    x = case.x.float() if case.x.is_floating_point() else case.x
+    lin = fntk.Linearized(m32, output_fn=case.output_fn)
+    with torch.no_grad():
+        assert rel_err(lin.jacobian(x).double(), J) <= 1e-5
+        assert rel_err(fntk.ntk(lin, x).double(), ntk_of(J, J)) <= 1e-5
+    V = torch.randn(lin.num_params, 2)
+    assert rel_err(lin.jvp(x, V).double(), torch.einsum("nkp,pr->nkr", J, V.double())) <= 1e-5
+    if name == "lstm":
+        assert lin.capabilities.jvp == "double_vjp" and "mkldnn" in lin.capabilities.rejected["jvp:forward"]
+
+
 # ---------------------------------------------------------------------------------- estimators
 def reference_gp(J, Js, f, fs, y, s, noise, b):
     """Exact GP posterior mean and variance of output 0 from explicit Jacobians."""
@@ -224,10 +242,13 @@ def test_refused_weights_and_inputs():
         wrapped.forward(torch.randn(4, 3, dtype=F64))
 
 
-def test_jacobian_size_is_checked_before_allocating():
+def test_materialisations_are_checked_before_allocating():
     lin = fntk.Linearized(nn.Linear(3, 2).to(F64), memory_budget=100)
+    x = torch.randn(50, 3, dtype=F64)
     with pytest.raises(fntk.NTKMemoryError, match=r"Jacobian of shape \(50, 2, 8\).*memory_budget"):
-        lin.jacobian(torch.randn(50, 3, dtype=F64))
+        lin.jacobian(x)
+    with pytest.raises(fntk.NTKMemoryError, match=r"Jacobian of shape \(50, 2, 8\)"):
+        fntk.JacobianOperator(lin, x).to_dense()
 
 
 def test_operator_refuses_wrong_shapes():

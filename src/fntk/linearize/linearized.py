@@ -136,9 +136,12 @@ class Linearized:
         return SLOWDOWN[what][mode]
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[None]:
-        """The lock on the private module and fntk's torch settings, for one call."""
-        with self._lock, scope.evaluation_scope():
+    def _session(self, grad: bool = True) -> Iterator[None]:
+        """The lock on the private module and fntk's torch settings, for one call. Autodiff calls
+        run with grad mode on even inside ``torch.no_grad()``: modules choose their kernels by it
+        (float32 LSTMs take mkldnn, which saves no workspace for a backward without grad mode),
+        and the probes validated the paths with it on."""
+        with self._lock, scope.evaluation_scope(), torch.set_grad_enabled(grad):
             yield
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -258,7 +261,7 @@ class Linearized:
         size = self.rows_per_chunk(0)
 
         def rows(xs: Tensor) -> Tensor:
-            with torch.no_grad(), self._session():
+            with self._session(grad=False):
                 return torch.cat([self.function(xs[s])(self._theta) for s in self.chunks(xs.shape[0], size)])
 
         return self._by_rank(rows, x)
@@ -374,6 +377,15 @@ class Linearized:
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"w must have shape ({self.num_params},), got {got}")
         return self.forward(x) + self.jvp(x, w.to(self.dtype) - self.theta)
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) get their own lock
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return (
