@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "digits": "fntk.experiments.digits",
     "linearity": "fntk.experiments.linearity",
     "speed": "fntk.experiments.speed",
+    "unsup": "fntk.experiments.unsup",
 }
 
 
