@@ -107,6 +107,11 @@ REFUSED = [
     ("reg-covariance-memory",
      lambda: fitted_reg(memory_limit=10_000).predict(torch.randn(100, 3, dtype=F64)).covariance_matrix,
      fntk.NTKMemoryError, "post.variance"),
+    # --- the posterior
+    ("post-samples-0", lambda: fitted_reg().predict(XT).sample(0), ValueError, "num_samples"),
+    ("post-samples-bool", lambda: fitted_reg().predict(XT).sample(True), TypeError, "num_samples"),
+    ("post-generator", lambda: fitted_reg().predict(XT).sample(2, generator=0), TypeError, "torch.Generator"),
+    ("post-num-std", lambda: fitted_reg().predict(XT).confidence_region("2"), TypeError, "num_std"),
     # --- LinearizedClassifier
     ("clf-seed-none", lambda: clf(seed=None), TypeError, "seed"),
     ("clf-seed-negative", lambda: clf(seed=-3), ValueError, "seed"),
@@ -342,9 +347,8 @@ def test_cli_refuses_a_file_as_out_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exists and is not a folder" in err and "Traceback" not in err
     assert out.read_text() == "not a folder"  # nothing written, nothing trained
-    assert cli.main(["run", "malaria", "--quick", "--out", str(tmp_path / "m"), "--data",
-                     str(tmp_path / "nowhere")]) == 2
-    assert "--data" in capsys.readouterr().err
+    assert cli.main(["run", "malaria", "--quick", "--out", str(tmp_path / "m"), "--data", str(out)]) == 2
+    assert "--data" in capsys.readouterr().err  # a file given as the data folder
 
 
 def test_corrupt_cache_entry_is_reported_removed_and_rebuilt(tmp_path, capsys):

@@ -40,8 +40,8 @@ class RunConfig:
 
     def check(self) -> None:
         """Refuse, before anything is trained, an ``out`` or ``cache`` that is not a creatable,
-        writable folder, and a ``data`` that is not a folder (ValueError naming the option); creates
-        ``out`` and ``cache``."""
+        writable folder, and a ``data`` that is a file (ValueError naming the option); creates ``out``
+        and ``cache``."""
         for flag, folder in (("--out", self.out), ("cache folder ($FNTK_CACHE or --out/cache)", self.cache)):
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"{flag} {str(folder)!r} exists and is not a folder; choose another path")
@@ -51,7 +51,8 @@ class RunConfig:
                 raise ValueError(f"{flag} {str(folder)!r} cannot be created: {err.strerror or err}") from err
             if not os.access(folder, os.W_OK):
                 raise ValueError(f"{flag} {str(folder)!r} is not writable")
-        if self.data is not None and not Path(self.data).is_dir():
+        # a missing --data is reported by the data loaders, naming the file they expected
+        if self.data is not None and Path(self.data).exists() and not Path(self.data).is_dir():
             raise ValueError(
                 f"--data {str(self.data)!r} is not a folder (expected one laid out like shared/data)"
             )

@@ -8,6 +8,7 @@ import torch
 from gpytorch.distributions import MultivariateNormal
 from torch import Tensor
 
+from fntk import validation
 from fntk.linalg import safe_cholesky
 
 
@@ -64,6 +65,8 @@ class NTKPosterior:
 
         ``num_std=2`` (the default, as GPyTorch's ``confidence_region``) is a ≈95.4% interval.
         """
+        num_std = validation.real("num_std", num_std, positive=True)
+        validation.flag("predictive", predictive)
         sd = self.predictive_stddev if predictive else self.stddev
         return self.mean - num_std * sd, self.mean + num_std * sd
 
@@ -71,8 +74,10 @@ class NTKPosterior:
         self, num_samples: int = 1, predictive: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:
         """Joint samples of f(x*) (or of y* with ``predictive=True``): (s, m), or (s, m, k)."""
-        if not (isinstance(num_samples, int) and num_samples > 0):
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = validation.positive_int("num_samples", num_samples)
+        validation.flag("predictive", predictive)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         cov = self.covariance_matrix
         multi = cov.dim() == 3
         C = cov if multi else cov[None]
