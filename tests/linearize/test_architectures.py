@@ -152,6 +152,18 @@ def test_float32_models_take_their_own_paths(name):
         assert lin.capabilities.jvp == "double_vjp" and "mkldnn" in lin.capabilities.rejected["jvp:forward"]
 
 
+def test_with_dtype_copies_the_linearization():
+    """A float32 (or float16 → float32) working copy keeps the selection and the output selection,
+    also for hook-based weight norm after use (its module then holds a non-leaf weight, which a
+    plain deepcopy refuses)."""
+    for name in ("hook_norms", "tuple_out"):
+        case, lin, J, _ = setup(name)
+        lin.jacobian(case.x)
+        lo = lin.with_dtype(torch.float32)
+        assert lo.dtype == torch.float32 and lo.names == lin.names and lo.output_fn is lin.output_fn
+        assert rel_err(lo.jacobian(case.x.float()).double(), J) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------- estimators
 def reference_gp(J, Js, f, fs, y, s, noise, b):
     """Exact GP posterior mean and variance of output 0 from explicit Jacobians."""

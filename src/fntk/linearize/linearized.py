@@ -37,9 +37,9 @@ from fntk.settings import get_memory_budget
 #: cost of a validated path relative to the fast one (per pass), for the planners; measured in
 #: benchmarks/RESULTS.md ("Capability probes and fallbacks")
 SLOWDOWN = {
-    "jvp": {"forward": 1.0, "double_vjp": 2.0},  # "rows": k' backward passes per point, see slowdown
-    "vjp": {"vmap": 1.0, "loop": 3.0},
-    "rows": {"nested_vmap": 1.0, "cotangent_vmap": 4.0, "loop": 12.0},
+    "jvp": {"forward": 1.0, "double_vjp": 1.5},  # "rows": k' backward passes per point, see slowdown
+    "vjp": {"vmap": 1.0, "loop": 1.0},  # measured 0.6-0.8: r plain backward passes are not slower
+    "rows": {"nested_vmap": 1.0, "cotangent_vmap": 2.0, "loop": 4.0},
 }
 
 
@@ -143,6 +143,14 @@ class Linearized:
         and the probes validated the paths with it on."""
         with self._lock, scope.evaluation_scope(), torch.set_grad_enabled(grad):
             yield
+
+    def with_dtype(self, dtype: torch.dtype) -> Linearized:
+        """The same linearization in another floating dtype: a converted copy of the private module
+        (hook-based reparametrizations included), with the same parameter selection, memory budget
+        and ``output_fn``; probed afresh on its first call."""
+        with self._lock:
+            module = private_copy(self._module).to(dtype)
+        return Linearized(module, self.names, memory_budget=self._budget, output_fn=self.output_fn)
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split a flat (..., p) vector into a dict of per-parameter (..., *shape) views."""

@@ -40,7 +40,7 @@ from fntk.linearize.outputs import OutputFn
 from fntk.linearize.private import describe
 
 PROBE_POINTS = 3
-K_PROBE = 8  # outputs whose per-example rows are probed (all when k ≤ K_PROBE)
+K_PROBE = 4  # outputs whose per-example rows are probed (all when k ≤ K_PROBE)
 
 
 @dataclass
@@ -194,6 +194,17 @@ def _coupled(t: Target, x: Tensor, what: str, rel: float, tol: float) -> ValueEr
 
 
 # ---------------------------------------------------------------------------------- the probes
+def _recording(f: engine.PureF) -> tuple[engine.PureF, list[Tensor]]:
+    """f, and a list that receives its outputs (one forward gives both the value and the vjp)."""
+    seen: list[Tensor] = []
+
+    def g(theta):
+        seen.append(f(theta))
+        return seen[-1]
+
+    return g, seen
+
+
 def probe(t: Target, x: Tensor) -> Capabilities:
     """Run the first-order probes on the checked probe batch x (b, ...) (see the module doc).
 
@@ -205,19 +216,14 @@ def probe(t: Target, x: Tensor) -> Capabilities:
     with torch.no_grad():
         y = f(th)
     b, k = y.shape
-    for i in range(b):  # 1a. outputs of one-point batches equal the batch's rows
-        with torch.no_grad():
-            ok, rel = close(t.f(x[i : i + 1])(th)[0], y[i], tol)
-        if not ok:
-            raise _coupled(t, x, f"output row {i} of a batch of {b} points differs from the output for "
-                           f"that point alone", rel, tol)
     g = torch.Generator().manual_seed(0)
-    U = torch.randn(b, k, 2, generator=g, dtype=torch.float64).to(y)
+    rdt = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
+    U = torch.randn(b, k, 2, generator=g, dtype=rdt).to(y)
     sel = None if k <= K_PROBE else list(range(K_PROBE))
     if sel is not None:  # column 1 only on the probed outputs (for the row check)
         U[:, K_PROBE:, 1] = 0
     p = sum(s.numel() for s in t.shapes)
-    V = torch.randn(p, 2, generator=g, dtype=torch.float64).to(y)
+    V = torch.randn(p, 2, generator=g, dtype=rdt).to(y)
     if t.keep is not None:
         V = V * t.keep[:, None]
     try:
@@ -231,8 +237,14 @@ def probe(t: Target, x: Tensor) -> Capabilities:
             f"reference backward pass failed with {_reason(err)}); fntk needs reverse-mode autograd "
             "through the forward"
         ) from err
-    per_point = sum(t.flat(fallbacks.loop_vjp(t.f(x[i : i + 1]), th, U[i : i + 1, :, :1]), lead=1)[0]
-                    for i in range(b))  # 1b. per-point Jacobians equal the batch's rows
+    per_point = torch.zeros_like(G[:, 0])
+    for i in range(b):  # 1. outputs and Jacobians of one-point batches equal the batch's rows
+        f_i, seen = _recording(t.f(x[i : i + 1]))
+        per_point += t.flat(fallbacks.loop_vjp(f_i, th, U[i : i + 1, :, :1]), lead=1)[0]
+        ok, rel = close(seen[0][0].detach(), y[i], tol)
+        if not ok:
+            raise _coupled(t, x, f"output row {i} of a batch of {b} points differs from the output for "
+                           f"that point alone", rel, tol)
     ok, rel = close(per_point, G[:, 0], tol)
     if not ok:
         raise _coupled(t, x, f"the Jacobians of one-point batches differ from the rows of the Jacobian "
@@ -263,7 +275,7 @@ def probe(t: Target, x: Tensor) -> Capabilities:
             R = engine.per_example_jacobian(t.module, t.fixed, th, t.names, k, sel, False, mode,
                                             t.output_fn)(x)
             Us = U[:, :, 1] if sel is None else U[:, sel, 1]
-            ok, rel = close(torch.einsum("nkp,nk->p", R, Us), G[:, 1], tol)
+            ok, rel = close(R.reshape(-1, p).T @ Us.reshape(-1), G[:, 1], tol)
             if ok and JV is not None:
                 ok, rel = close(R @ V[:, 0], JV[:, :, 0] if sel is None else JV[:, sel, 0], tol)
         except Exception as err:  # noqa: BLE001
@@ -291,7 +303,8 @@ def probe_second_order(t: Target, x: Tensor, caps: Capabilities, what: str,
     g = torch.Generator().manual_seed(1)
     p = sum(s.numel() for s in t.shapes)
     dt = next(iter(th.values()))
-    V = torch.randn(p, 2, generator=g, dtype=torch.float64).to(dt)
+    rdt = dt.dtype if dt.dtype in (torch.float32, torch.float64) else torch.float32
+    V = torch.randn(p, 2, generator=g, dtype=rdt).to(dt)
     if t.keep is not None:
         V = V * t.keep[:, None]
     if what == "ggn":  # Jᵀ(J V) fused against the validated products
