@@ -7,7 +7,9 @@ single-threaded numbers."""
 from __future__ import annotations
 
 import math
+import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import fntk
 from fntk.curvature import ggn_diagonal
 from fntk.likelihoods import Categorical
 from fntk.linearize import engine
-from zoo import EXPECT, REFUSED, WORKING, build, reference_model
+from zoo import EXPECT, REFUSED, WORKING, Selected, build, reference_model
 
 from reference import assert_same_fingerprint, dense_jacobian, eval_forward, fingerprint, rel_err
 
@@ -350,3 +352,15 @@ def test_threads_share_one_linearized():
     for key, outs in got.items():
         assert len(outs) == 6 and all(rel_err(o, want[key]) <= TOL for o in outs), key
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_readme_supported_models_example_runs():
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## Supported models\n.*?```python\n(.*?)```", text, re.S)
+    ns: dict = {}
+    exec(compile(block.group(1), "README Supported models", "exec"), ns)
+    lin, x = ns["lin"], ns["x"]
+    assert ns["K"].shape == (20, 4, 20, 4)
+    assert ns["caps"].jvp == "double_vjp" and "mkldnn" in ns["caps"].rejected["jvp:forward"]  # float32 LSTM
+    J = dense_jacobian(Selected(ns["rnn"], lin.output_fn), x, ["m." + n for n in lin.names]).double()
+    assert rel_err(ns["K"].double(), torch.einsum("ikp,jlp->ikjl", J, J)) <= 1e-5

@@ -39,7 +39,7 @@ from fntk.settings import get_memory_budget
 SLOWDOWN = {
     "jvp": {"forward": 1.0, "double_vjp": 1.5},  # "rows": k' backward passes per point, see slowdown
     "vjp": {"vmap": 1.0, "loop": 1.0},  # measured 0.6-0.8: r plain backward passes are not slower
-    "rows": {"nested_vmap": 1.0, "cotangent_vmap": 2.0, "loop": 4.0},
+    "rows": {"nested_vmap": 1.0, "cotangent_vmap": 2.5, "loop": 3.0},
 }
 
 
