@@ -180,6 +180,26 @@ class EmbedPad(nn.Module):
         return self.fc(torch.tanh(self.emb(t)).flatten(1))
 
 
+class TiedLM(nn.Module):
+    """A padded embedding whose weight is also the output layer: held by a second module
+    (``tie="module"``) or used functionally (``tie="functional"``, logits = h Eᵀ)."""
+
+    def __init__(self, tie: str, vocab: int = 6, d: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.mix = nn.Linear(d, d)
+        self.tie = tie
+        if tie == "module":
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.emb.weight
+        with torch.no_grad():
+            self.emb.weight[0] = 0.5
+
+    def forward(self, t):
+        h = torch.tanh(self.mix(self.emb(t).mean(1)))
+        return self.head(h) if self.tie == "module" else h @ self.emb.weight.T
+
+
 class CrossAttention(nn.Module):
     """nn.MultiheadAttention with kdim/vdim: queries from one part of the features, keys and values
     from others."""
@@ -422,6 +442,9 @@ def build(name: str, seed: int = 0) -> Case:
         model, x, xs = TransformerText(), _tokens(g, 12, n, 5, pad=True), _tokens(g, 12, m, 5, pad=True)
     elif name == "embedding_pad":
         model, x, xs = EmbedPad(), _tokens(g, 8, n, 4, pad=True), _tokens(g, 8, m, 4, pad=True)
+    elif name in ("tied_module", "tied_functional"):
+        model = TiedLM(name.removeprefix("tied_"))
+        x, xs = _tokens(g, 6, n, 4, pad=True), _tokens(g, 6, m, 4, pad=True)
     elif name == "mha_kdim":
         model, x, xs = CrossAttention(), _floats(g, n, 3, 10), _floats(g, m, 3, 10)
     elif name == "mha_fast_path":
@@ -477,6 +500,8 @@ EXPECT = {
     "gru_text": {"rows": "cotangent_vmap"},
     "transformer_text": {"jvp": "forward"},  # fast path off: forward mode works
     "embedding_pad": {"jvp": "forward"},  # forward mode, with the padding row projected out
+    "tied_module": {"jvp": "double_vjp"},  # the padding row also gets the head's gradient
+    "tied_functional": {"jvp": "double_vjp"},  # the same, found by the adjoint test
     "mha_fast_path": {"jvp": "forward", "rows": "nested_vmap"},  # fast path and flash kernel off
     "embedding_bag": {"jvp": "rows"},  # no forward mode, no double backward: J V from rows
     "param_norms": {"jvp": "double_vjp"},
@@ -495,8 +520,9 @@ REFUSED = {
 }
 
 WORKING = ["resnet_bn", "hardswish_se", "prelu_mlp", "prelu_cnn", "lstm", "gru_text", "transformer_text",
-           "embedding_pad", "mha_kdim", "mha_fast_path", "embedding_bag", "param_norms", "hook_norms",
-           "masked_linear", "checkpoint", "tuple_out", "dict_out", "model_output", "broken_vmap_rule"]
+           "embedding_pad", "tied_module", "tied_functional", "mha_kdim", "mha_fast_path", "embedding_bag",
+           "param_norms", "hook_norms", "masked_linear", "checkpoint", "tuple_out", "dict_out",
+           "model_output", "broken_vmap_rule"]
 
 
 def reference_model(case: Case) -> nn.Module:

@@ -125,8 +125,12 @@ def test_ggn_products_and_diagonal(name):
     assert rel_err(exact.to_dense(), G) <= TOL
     assert rel_err(ggn_diagonal(lin, x, Categorical(), y, structured=False), G.diagonal()) <= TOL
     # finite differences are O(ε) (the change of J and H along the step): ε = 1e-6 gives ~1e-6
-    fd = fntk.GGNOperator(lin, x, Categorical(), y=y, method="finite_difference", eps=1e-6)
-    assert rel_err(fd @ V, G @ V) <= 2e-5
+    if name in ("tied_module", "tied_functional"):  # a step would move the padding row autograd freezes
+        with pytest.raises(ValueError, match="padding rows.*method='exact'"):
+            fntk.GGNOperator(lin, x, Categorical(), y=y, method="finite_difference")
+    else:
+        fd = fntk.GGNOperator(lin, x, Categorical(), y=y, method="finite_difference", eps=1e-6)
+        assert rel_err(fd @ V, G @ V) <= 2e-5
     if name in NO_DOUBLE_BACKWARD:  # torch has no derivative of hardsigmoid's / embedding_bag's backward
         with pytest.raises(ValueError, match="no autodiff path for second derivatives.*method='exact'"):
             fntk.GGNOperator(lin, x, Categorical(), y=y, method="autograd")

@@ -87,7 +87,7 @@ class Linearized:
         self.shapes = [self._theta[n].shape for n in self.names]
         self.numels = [self._theta[n].numel() for n in self.names]
         self.num_params: int = sum(self.numels)
-        frozen = frozen_rows(self._module, self.names, self.shapes)
+        frozen, self._no_forward = frozen_rows(self._module, self.names, self.shapes)
         self._keep = None if frozen is None else (~frozen).to(self.dtype)
         self._int_inputs = uses_embedding(model)
         self._k: int | None = None
@@ -174,12 +174,13 @@ class Linearized:
         return engine.model_function(self._module, self._fixed, x, self.output_fn)
 
     def _project(self, V: Tensor) -> Tensor:
-        """V (p, r) with the autograd-frozen entries (padding rows of embeddings) zeroed."""
+        """V (p, r) with the autograd-frozen entries (padding rows of embeddings) zeroed: the input
+        of every forward-mode product, so that forward mode follows autograd's convention."""
         return V if self._keep is None else V * self._keep[:, None]
 
     def _target(self) -> probes.Target:
         return probes.Target(self._module, self._fixed, self._theta, self.names, self.shapes,
-                             self.output_fn, self._keep)
+                             self.output_fn, self._keep, self._no_forward)
 
     def per_example_jacobian(
         self, names: list[str] | None = None, output: int | None = None, split: bool = False
@@ -277,10 +278,11 @@ class Linearized:
     def jvp_block(self, x: Tensor, V: Tensor) -> Tensor:
         """J(x) V for checked x and V (p, r) → (n, k, r), unchunked (one forward with the tangents
         vmapped, or the probed fallback)."""
-        V = self._project(V)
-        if self.capabilities.jvp == "rows":
-            return torch.einsum("nkp,pr->nkr", self.per_example_jacobian()(x), V)
         mode = self.capabilities.jvp
+        if mode == "rows":
+            return torch.einsum("nkp,pr->nkr", self.per_example_jacobian()(x), V)
+        if mode == "forward":
+            V = self._project(V)
         with self._session():
             return engine.jvp_columns(self.function(x), self._theta, self.unflatten(V.T), mode)
 

@@ -81,27 +81,40 @@ def check_model(module: nn.Module) -> None:
             )
 
 
-def frozen_rows(module: nn.Module, names: list[str], shapes: list[torch.Size]) -> Tensor | None:
-    """Flat (p,) mask of the selected entries that autograd treats as constants, or None.
+def frozen_rows(module: nn.Module, names: list[str],
+                shapes: list[torch.Size]) -> tuple[Tensor | None, str | None]:
+    """(flat (p,) mask of the selected entries autograd treats as constants, or None; why forward
+    mode must not be used at all, or None).
 
     ``nn.Embedding``/``nn.EmbeddingBag`` with ``padding_idx`` get no gradient in that row (torch's
     backward zeroes it) although the forward reads it; forward-mode AD would differentiate it. The
-    Jacobian fntk uses follows autograd (zero columns there), so tangents are projected onto the
-    other entries before every forward-mode product."""
-    owner = {id(m.weight): m for m in module.modules()
-             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None}
-    if not owner:
-        return None
+    Jacobian fntk uses follows autograd (zero columns there), so forward-mode tangents are
+    projected onto the other entries. A padded embedding weight that another module also holds
+    (tied weights) gets gradient in that row from the other use, which a projection would drop:
+    such models take no forward mode. (A weight also used functionally, e.g. ``h @ emb.weight.T``,
+    is caught by the probes' adjoint test, which multiplies unprojected vectors.)"""
+    holders: dict[int, list[str]] = {}
+    for mname, m in module.named_modules():
+        for attr, prm in m._parameters.items():
+            if prm is not None:
+                holders.setdefault(id(prm), []).append(f"{mname}.{attr}" if mname else attr)
+    padded = {id(m.weight): (n, m) for n, m in module.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None}
     params = dict(module.named_parameters())
-    parts, any_frozen = [], False
+    parts, any_frozen, unsafe = [], False, None
     for name, shape in zip(names, shapes):
         mask = torch.zeros(shape, dtype=torch.bool, device=params[name].device)
-        m = owner.get(id(params[name]))
-        if m is not None:
-            mask[m.padding_idx] = True
+        owner = padded.get(id(params[name]))
+        if owner is not None and len(holders.get(id(params[name]), [])) > 1:
+            unsafe = (f"the padded embedding weight {name!r} is shared with "
+                      f"{[h for h in holders[id(params[name])] if not h.startswith(owner[0] + '.')]}: "
+                      "forward mode would differentiate its padding row, autograd gives it the other "
+                      "use's gradient only")
+        elif owner is not None:
+            mask[owner[1].padding_idx] = True
             any_frozen = True
         parts.append(mask.reshape(-1))
-    return torch.cat(parts) if any_frozen else None
+    return (torch.cat(parts) if any_frozen else None), unsafe
 
 
 def uses_embedding(module: nn.Module) -> bool:

@@ -91,6 +91,11 @@ class Target:
     shapes: list[torch.Size]
     output_fn: OutputFn | None
     keep: Tensor | None  # (p,) 1 for differentiable entries, 0 for autograd-frozen ones
+    no_forward: str | None = None  # why forward mode is not an option for this model
+
+    def project(self, V: Tensor) -> Tensor:
+        """The input of a forward-mode product (autograd-frozen entries zeroed)."""
+        return V if self.keep is None else V * self.keep[:, None]
 
     def f(self, x: Tensor) -> engine.PureF:
         return engine.model_function(self.module, self.fixed, x, self.output_fn)
@@ -223,9 +228,7 @@ def probe(t: Target, x: Tensor) -> Capabilities:
     if sel is not None:  # column 1 only on the probed outputs (for the row check)
         U[:, K_PROBE:, 1] = 0
     p = sum(s.numel() for s in t.shapes)
-    V = torch.randn(p, 2, generator=g, dtype=rdt).to(y)
-    if t.keep is not None:
-        V = V * t.keep[:, None]
+    V = torch.randn(p, 2, generator=g, dtype=rdt).to(y)  # not projected: see Target.project
     try:
         t0 = time.perf_counter()
         G0 = t.flat(fallbacks.loop_vjp(f, th, U[..., :1]), lead=1).T
@@ -258,9 +261,11 @@ def probe(t: Target, x: Tensor) -> Capabilities:
     except Exception as err:  # noqa: BLE001 (any failure of a transform means: not this path)
         rejected["vjp:vmap"] = _reason(err)
     jvp_mode, JV = "rows", None  # 3. jvp, by the adjoint test
-    for mode in ("forward", "double_vjp"):
+    if t.no_forward:
+        rejected["jvp:forward"] = t.no_forward
+    for mode in ("double_vjp",) if t.no_forward else ("forward", "double_vjp"):
         try:
-            out = engine.jvp_columns(f, th, t.dict_(V.T), mode)
+            out = engine.jvp_columns(f, th, t.dict_((t.project(V) if mode == "forward" else V).T), mode)
             ok, rel = close(torch.einsum("nkr,nks->rs", U, out), G.T @ V, tol)
         except Exception as err:  # noqa: BLE001
             rejected[f"jvp:{mode}"] = _reason(err)
@@ -305,11 +310,10 @@ def probe_second_order(t: Target, x: Tensor, caps: Capabilities, what: str,
     dt = next(iter(th.values()))
     rdt = dt.dtype if dt.dtype in (torch.float32, torch.float64) else torch.float32
     V = torch.randn(p, 2, generator=g, dtype=rdt).to(dt)
-    if t.keep is not None:
-        V = V * t.keep[:, None]
     if what == "ggn":  # Jᵀ(J V) fused against the validated products
         ref, cands = vjp(jvp(V)), ["fused"] if caps.jvp == "forward" else []
-        run = {"fused": lambda m: t.flat(engine.ggn_columns(f, th, t.dict_(V.T), lambda u: u), lead=1).T}
+        run = {"fused": lambda m: t.flat(engine.ggn_columns(f, th, t.dict_(t.project(V).T), lambda u: u),
+                                         lead=1).T}
         fallback = "composed"
     else:
         def loss(theta):
@@ -323,7 +327,11 @@ def probe_second_order(t: Target, x: Tensor, caps: Capabilities, what: str,
             if what == "hvp":
                 ref = t.flat(fallbacks.loop_hvp(loss, th, t.dict_(V.T)), lead=1).T
                 cands = ["forward_over_reverse", "reverse_over_reverse"]
-                run = {m: cols(lambda m: engine.hvp_columns(loss, th, t.dict_(V.T), m)) for m in cands}
+                def hvp(m):
+                    W = t.project(V) if m == "forward_over_reverse" else V
+                    return engine.hvp_columns(loss, th, t.dict_(W.T), m)
+
+                run = {m: cols(hvp) for m in cands}
             else:
                 steps = t.dict_(1e-3 * V.T)
                 ref = t.flat(fallbacks.loop_grad_at(loss, th, steps), lead=1).T

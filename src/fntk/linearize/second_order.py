@@ -9,8 +9,9 @@ scalar loss of the outputs ``loss_of_f`` (b, k) → (), with L(θ) = loss_of_f(f
 - :func:`gradients_at`: ∇L(θ̂ + s_j) for r parameter steps s_j (columns of S (p, r));
 - :func:`hessian_product`: ∇²L(θ̂) V.
 
-All parameter-space inputs are projected onto the entries autograd differentiates (embedding
-padding rows are constants, as in every other product).
+Forward-mode paths get their parameter-space inputs projected onto the entries autograd
+differentiates (embedding padding rows are constants, as in every other product), and so do the
+finite-difference steps.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def path(lin, what: str) -> str:
             probes.probe_second_order(lin._target(), xb, caps, what,
                                       lambda V: lin.jvp_block(xb, V), lambda U: lin.vjp_block(xb, U))
     mode = getattr(caps, what)
+    padded = lin._keep is not None or lin._no_forward
+    if what == "grad" and padded and caps.jvp != "forward":
+        raise ValueError(
+            "this model has embedding padding rows that autograd treats as constants, and forward "
+            "mode could not confirm that leaving them out of a parameter step is exact "
+            f"({caps.rejected.get('jvp:forward')}); GGNOperator(method='finite_difference') perturbs "
+            "the parameters, so it would differentiate those rows: use method='exact'"
+        )
     if mode == "unavailable":
         raise ValueError(
             f"this model has no autodiff path for {_NEEDS[what]}: plain torch.autograd fails with "
@@ -46,9 +55,9 @@ def path(lin, what: str) -> str:
 
 def ggn_product(lin, x: Tensor, V: Tensor, hop: Callable[[Tensor], Tensor]) -> Tensor:
     """Jᵀ hop(J V) (p, r) for checked x and V (p, r)."""
-    V = lin._project(V)
     if path(lin, "ggn") == "composed":
         return lin.vjp_block(x, hop(lin.jvp_block(x, V)))
+    V = lin._project(V)  # the fused path differentiates forward mode
     with lin._session():
         cols = engine.ggn_columns(lin.function(x), lin.theta_dict(), lin.unflatten(V.T), hop)
     return lin.flatten(cols, lead=1).T
@@ -67,10 +76,10 @@ def gradients_at(lin, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], S: Tenso
 def hessian_product(lin, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
     """∇²L(θ̂) V (p, r)."""
     mode = path(lin, "hvp")
+    V = lin._project(V) if mode == "forward_over_reverse" else V
     with lin._session():
         f = lin.function(x)
-        cols = engine.hvp_columns(lambda th: loss_of_f(f(th)), lin.theta_dict(),
-                                  lin.unflatten(lin._project(V).T), mode)
+        cols = engine.hvp_columns(lambda th: loss_of_f(f(th)), lin.theta_dict(), lin.unflatten(V.T), mode)
     return lin.flatten(cols, lead=1).T
 
 
