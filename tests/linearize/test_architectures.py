@@ -38,12 +38,15 @@ def _one_thread():
 
 
 _SETUPS: dict = {}
+_BEFORE: dict = {}
 
 
 def setup(name: str):
-    """(case, lin, J(x), J(xs)) for a working family; references computed once per module."""
+    """(case, lin, J(x), J(xs)) for a working family; references computed once per module (and the
+    model's fingerprint before fntk saw it, in _BEFORE)."""
     if name not in _SETUPS:
         case = build(name)
+        _BEFORE[name] = fingerprint(case.model)
         lin = fntk.Linearized(case.model, output_fn=case.output_fn)
         lin.forward(case.x)  # the first call probes
         names = ["m." + n for n in lin.names]
@@ -62,7 +65,6 @@ def ntk_of(J1, J2):
 def test_linearized_maps(name):
     case, lin, J, _ = setup(name)
     x = case.x
-    fp = fingerprint(case.model)
     n, k, p = J.shape
     assert (lin.num_outputs, lin.num_params) == (k, p)
     assert rel_err(lin.forward(x), eval_forward(reference_model(case), x)) <= TOL
@@ -80,7 +82,7 @@ def test_linearized_maps(name):
     for key, value in EXPECT.get(name, {}).items():
         assert getattr(caps, key) == value, (key, caps)
     assert caps.independent and caps.points >= 2
-    assert_same_fingerprint(fp, fingerprint(case.model))
+    assert_same_fingerprint(_BEFORE[name], fingerprint(case.model))
 
 
 @pytest.mark.parametrize("name", WORKING)
@@ -219,6 +221,7 @@ def test_classifier(name):
     assert rel_err(m, mean) <= TOL_SOLVE and rel_err(c, cov) <= TOL_SOLVE
     probit = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * cov.diagonal(dim1=1, dim2=2)), -1)
     assert rel_err(clf.predict_proba(case.xs), probit) <= TOL_SOLVE
+    assert_same_fingerprint(_BEFORE[name], fingerprint(case.model))  # after every entry point
 
 
 # ---------------------------------------------------------------------------------- refusals
