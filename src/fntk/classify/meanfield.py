@@ -124,7 +124,7 @@ def fit_meanfield(
         with torch.set_grad_enabled(need_grad):
             for s, J in _jacobian_chunks(lin, x, cache):
                 mean = f0[s] + J @ (m - theta)
-                Sig = torch.einsum("ckp,p,clp->ckl", J, torch.exp(2 * log_s), J)
+                Sig = torch.einsum("ckp,clp->ckl", J * torch.exp(2 * log_s), J)
                 loss = -expected_loglik(lik, y[s], mean, Sig, xi[s])
                 if need_grad:
                     loss.backward()
@@ -147,7 +147,7 @@ def predictive_meanfield(lin: Linearized, x: Tensor, mean: Tensor, scale: Tensor
     means, covs = [], []
     for s, J in _jacobian_chunks(lin, x):
         means.append(f0[s] + J @ (mean.to(F64) - theta))
-        covs.append(torch.einsum("ckp,p,clp->ckl", J, var, J))
+        covs.append(torch.einsum("ckp,clp->ckl", J * var, J))
     return torch.cat(means), torch.cat(covs)
 
 

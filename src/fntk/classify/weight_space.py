@@ -78,7 +78,7 @@ class WeightSpace:
     def _ggn_mv(self, L: Tensor, V: Tensor) -> Tensor:
         """G V = Jᵀ L Lᵀ J V for V (p, r)."""
         JV = self.jv(V)
-        return self.jtu(torch.einsum("nkm,nlm,nlr->nkr", L, L, JV))
+        return self.jtu(torch.einsum("nkl,nlr->nkr", torch.einsum("nkm,nlm->nkl", L, L), JV))
 
     def _precision_chol(self, L: Tensor, lam: float) -> Tensor:
         B = torch.einsum("nkm,nkp->nmp", L, self.J).reshape(-1, self.p)
@@ -216,11 +216,13 @@ class WeightSpace:
         dH = hessian_derivative(self, -self.jv(self._cov_mv(self.w - self.mu0)[:, None])[..., 0])
         if self.dense:
             V = lower_solve(self.R, self.J.reshape(-1, self.p).T).reshape(self.p, self.n, self.k)
-            T = float(torch.einsum("pnk,nkl,pnl->", V, dH, V))  # Σ_i tr(J_i P⁻¹ J_iᵀ dH_i)
+            # Σ_i tr(J_i P⁻¹ J_iᵀ dH_i); two operands per einsum: opt_einsum, when installed,
+            # reorders three-operand contractions (last-bit changes)
+            T = float(torch.einsum("pnl,pnl->", torch.einsum("pnk,nkl->pnl", V, dH), V))
         else:
             JU = self.jv(self.U)
             D = 1.0 / (self.s + lam) - 1.0 / lam
-            S = kernel_diag_blocks(self.lin, self.x) / lam + torch.einsum("nkr,r,nlr->nkl", JU, D, JU)
+            S = kernel_diag_blocks(self.lin, self.x) / lam + torch.einsum("nkr,nlr->nkl", JU * D, JU)
             T = float(torch.einsum("nkl,nlk->", S, dH))
         return 0.5 * (self.effective_params() - lam * self.weight_sqnorm() - lam * T)
 
@@ -244,7 +246,7 @@ class WeightSpace:
                     JU = self.jv(self.U, xs)  # (c, k, r)
                     D = 1.0 / (self.s + self.lam) - 1.0 / self.lam
                     covs.append(
-                        kernel_diag_blocks(lin, xs) / self.lam + torch.einsum("ckr,r,clr->ckl", JU, D, JU)
+                        kernel_diag_blocks(lin, xs) / self.lam + torch.einsum("ckr,clr->ckl", JU * D, JU)
                     )
         return torch.cat(means), (torch.cat(covs) if covariance else None)
 

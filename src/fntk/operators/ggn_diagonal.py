@@ -96,7 +96,8 @@ def ggn_diagonal(
                     continue
                 A, G = feats[t], feats[t + 1]  # (b, 1, d_in [+1]), (b, m, 1, d_out)
                 t += 2
-                D = torch.einsum("bc,bco,bi->oi", lam_s, G[:, :, 0].square(), A[:, 0].square())
+                g2 = torch.einsum("bc,bco->bo", lam_s, G[:, :, 0].square())  # two operands at a time
+                D = torch.einsum("bo,bi->oi", g2, A[:, 0].square())
                 if L.weight:
                     parts[L.weight] += D[:, : L.d_in].reshape(theta[L.weight].shape)
                 if L.bias:
