@@ -56,7 +56,8 @@ from fntk.classify.predictive import glm_predictive
 from fntk.classify.weight_space import WeightSpace
 from fntk.errors import NotFittedError
 from fntk.likelihoods import Bernoulli, Categorical, Likelihood
-from fntk.linearize import Linearized, ParamSelection
+from fntk.linearize import Linearized, ParamSelection, as_linearized
+from fntk.linearize.outputs import OutputFn
 from fntk.validation import check_callback, choice, positive_int
 
 INFERENCES = ("map", "laplace", "vi")
@@ -111,6 +112,8 @@ class LinearizedClassifier:
             is refused before any heavy work (:class:`~fntk.TimeLimitError`). Default one hour;
             ``None`` lifts the limit.
         progress: show a tqdm bar (stderr) over the MAP and VI iterations of ``fit``.
+        output_fn: maps the model's output (tuple, dict, ModelOutput) to the (n, k) logits, as in
+            :class:`~fntk.Linearized` (default: a tensor as is, a dict's "logits").
 
     A fit that raises or is interrupted (KeyboardInterrupt from ``callback``, in the MAP, evidence
     or VI stage) leaves the classifier exactly as it was before the call. Calls on one classifier
@@ -148,6 +151,7 @@ class LinearizedClassifier:
         memory_budget: int | None = None,
         time_limit: float | None = DEFAULT_TIME_LIMIT,
         progress: bool = False,
+        output_fn: OutputFn | None = None,
     ):
         self.inference = choice("inference", inference, INFERENCES)
         bad_prior = ValueError(
@@ -189,19 +193,7 @@ class LinearizedClassifier:
         memory_budget = validation.byte_count("memory_budget", memory_budget)
         self.time_limit = validation.seconds_limit("time_limit", time_limit)
         self.progress = validation.flag("progress", progress)
-        if isinstance(model, Linearized):
-            if params is not None:
-                raise ValueError("params must be None when model is already a fntk.Linearized")
-            if memory_budget is not None:
-                raise ValueError(
-                    "memory_budget applies when model is an nn.Module; with a fntk.Linearized set it "
-                    "there: fntk.Linearized(model, memory_budget=...)"
-                )
-            lin = model
-        elif isinstance(model, nn.Module):
-            lin = Linearized(model, params, memory_budget=memory_budget)
-        else:
-            raise TypeError(f"model must be a torch.nn.Module or fntk.Linearized, got {type(model).__name__}")
+        lin = as_linearized(model, params, memory_budget, output_fn)
         self._model_dtype = lin.dtype
         self.lin = persist.working_linearization(lin)  # float32 copy of a float16/bfloat16 model
         self._backend: FunctionSpace | WeightSpace | None = None

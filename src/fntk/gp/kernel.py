@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 from fntk.errors import NTKMemoryError
 from fntk.linalg import safe_cholesky
-from fntk.linearize import Linearized, ParamSelection
+from fntk.linearize import Linearized, ParamSelection, as_linearized
+from fntk.linearize.outputs import OutputFn
 from fntk.ntk.costs import cheapest, cholesky_seconds
 from fntk.operators import NTKOperator
 from fntk.operators.base import check_output
@@ -69,6 +70,7 @@ class NTKKernel(Kernel):
             to (n, d) (e.g. ``(1, 28, 28)``); None: the inputs are passed unchanged.
         space: prediction strategy: ``"auto"`` (weight space when p < n and it fits in memory),
             ``"function"`` or ``"weight"``.
+        output_fn: output selection for tuple/dict/ModelOutput models, as in :class:`fntk.Linearized`.
 
     Inputs x1 (n1, d), x2 (n2, d); ``forward`` returns an (n1 × n2) :class:`fntk.NTKOperator`
     (or its exact diagonal (n,) with ``diag=True``). Batched inputs (b, n, d) are not supported.
@@ -83,19 +85,11 @@ class NTKKernel(Kernel):
         params: ParamSelection = None,
         input_shape: tuple[int, ...] | None = None,
         space: str = "auto",
+        output_fn: OutputFn | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(model_or_lin, Linearized):
-            if params is not None:
-                raise ValueError("params must be None when a fntk.Linearized is given")
-            lin = model_or_lin
-        elif isinstance(model_or_lin, nn.Module):
-            lin = Linearized(model_or_lin, params)
-        else:
-            raise TypeError(
-                f"model_or_lin must be an nn.Module or fntk.Linearized, got {type(model_or_lin).__name__}"
-            )
+        lin = as_linearized(model_or_lin, params, output_fn=output_fn, name="model_or_lin")
         if isinstance(output, bool) or not isinstance(output, int):
             raise ValueError(f"output must be an int output index, got {output!r}")
         if space not in KERNEL_SPACES:

@@ -29,7 +29,8 @@ from fntk.gp import dense, iterative, plan
 from fntk.gp.hyper import F64, Hyper, observe, optimize
 from fntk.gp.posterior import NTKPosterior
 from fntk.gp.targets import check_targets, standardise
-from fntk.linearize import Linearized, ParamSelection
+from fntk.linearize import Linearized, ParamSelection, as_linearized
+from fntk.linearize.outputs import OutputFn
 from fntk.ntk import NTKMethod
 from fntk.validation import Callback, check_callback
 
@@ -94,6 +95,8 @@ class NTKRegressor:
             it is refused before any heavy work (:class:`~fntk.TimeLimitError`, with the estimate).
             Default one hour; ``None`` lifts the limit.
         progress: show a tqdm bar (stderr) over the marginal-likelihood evaluations of ``fit``.
+        output_fn: maps the model's output (tuple, dict, ModelOutput) to the tensor that is
+            linearized, as in :class:`~fntk.Linearized` (default: a tensor as is, a dict's "logits").
 
     After :meth:`fit`: ``space_`` ("function" | "weight"), ``solver_`` ("direct" | "iterative"),
     ``scale_``, ``noise_``, ``constant_`` (floats, or (k,) tensors with ``output=None``),
@@ -130,6 +133,7 @@ class NTKRegressor:
         memory_limit: int | None = None,
         time_limit: float | None = DEFAULT_TIME_LIMIT,
         progress: bool = False,
+        output_fn: OutputFn | None = None,
     ):
         v = validation
         for name, value, valid in (("space", space, plan.SPACES), ("solver", solver, plan.SOLVERS),
@@ -155,14 +159,7 @@ class NTKRegressor:
         self.time_limit = v.seconds_limit("time_limit", time_limit)
         self.progress = v.flag("progress", progress)
         self.output, self.method = output, method
-        if isinstance(model, Linearized):
-            if params is not None:
-                raise ValueError("params must be None when model is already a fntk.Linearized")
-            lin = model
-        elif isinstance(model, nn.Module):
-            lin = Linearized(model, params)
-        else:
-            raise TypeError(f"model must be a torch.nn.Module or fntk.Linearized, got {type(model).__name__}")
+        lin = as_linearized(model, params, output_fn=output_fn)
         # float16/bfloat16 models are linearized through a float32 copy (persist.working_linearization)
         self._model_dtype = lin.dtype
         self.lin = persist.working_linearization(lin)

@@ -10,7 +10,7 @@
   :mod:`.scope`: the torch settings fntk's calls run under; :mod:`.outputs`: output selection.
 """
 
-from fntk.linearize.linearized import Linearized
+from fntk.linearize.linearized import Linearized, as_linearized
 from fntk.linearize.outputs import default_output
 from fntk.linearize.probes import Capabilities
 from fntk.linearize.selection import ParamSelection, select
@@ -18,6 +18,7 @@ from fntk.settings import DEFAULT_MEMORY_BUDGET, get_memory_budget, set_memory_b
 
 __all__ = [
     "Linearized",
+    "as_linearized",
     "Capabilities",
     "default_output",
     "ParamSelection",

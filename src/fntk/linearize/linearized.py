@@ -404,4 +404,29 @@ class Linearized:
         )
 
 
-__all__ = ["Linearized"]
+def as_linearized(
+    model: nn.Module | Linearized,
+    params: ParamSelection = None,
+    memory_budget: int | None = None,
+    output_fn: OutputFn | None = None,
+    name: str = "model",
+) -> Linearized:
+    """``model`` itself when it is a :class:`Linearized` (then ``params``, ``memory_budget`` and
+    ``output_fn`` must be None: they are set on it), else ``Linearized(model, params, ...)``; the
+    estimators' one way to take either."""
+    if isinstance(model, Linearized):
+        options = {"params": params, "memory_budget": memory_budget, "output_fn": output_fn}
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} must be None when {name} is already a fntk.Linearized; set "
+                f"{'them' if len(given) > 1 else 'it'} there: fntk.Linearized(model, params=..., "
+                "memory_budget=..., output_fn=...)"
+            )
+        return model
+    if isinstance(model, nn.Module):
+        return Linearized(model, params, memory_budget=memory_budget, output_fn=output_fn)
+    raise TypeError(f"{name} must be a torch.nn.Module or fntk.Linearized, got {type(model).__name__}")
+
+
+__all__ = ["Linearized", "as_linearized"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fntk.linearize import Linearized
+from fntk.linearize.outputs import OutputFn
 from fntk.persist.codec import CLASSES, FORMAT, FORMAT1, FORMAT_VERSION, LIN_STATE, Decoder, Encoder
 from fntk.persist.files import atomic_write, check_path
 from fntk.persist.hashing import model_hashes, payload_checksum, working_linearization
@@ -58,6 +59,7 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         "class": qual,
         "hyperparameters": _hyperparameters(obj),
         "params": list(lin.names),
+        "output_fn": lin.output_fn is not None,  # a function is not stored: load takes it again
         "model_parameters": {n: list(p.shape) for n, p in module.named_parameters()},
         "dtype": str(lin.dtype).removeprefix("torch."),
         "model_dtype": str(model_dtype).removeprefix("torch."),
@@ -132,8 +134,12 @@ def _class_kind(name: Any, version: int) -> Any:
     return FORMAT1.get(name, name) if version < 2 else name
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> Any:
+def load(path: str | os.PathLike, model: nn.Module, output_fn: OutputFn | None = None) -> Any:
     """Load an adapter written by ``save`` and attach it to ``model`` (the same trained network).
+
+    ``output_fn``: the output selection the adapter was fitted with (``Linearized(output_fn=...)``),
+    if any; functions are not stored, so pass the same one again (refused when it is missing or
+    when the adapter was fitted without one).
 
     Raises ValueError (naming the file) when the file is corrupt or not an fntk file, or when
     ``model`` is not the network the adapter was fitted to: different parameter names or shapes,
@@ -143,6 +149,13 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
         raise TypeError(f"fntk.load: model must be a torch.nn.Module, got {type(model).__name__}")
     meta, state, tensors = _read(path)
     p = os.fspath(path)
+    fitted_with = bool(meta.get("output_fn", False))
+    if fitted_with != (output_fn is not None):
+        raise ValueError(
+            f"fntk.load: {p!r} was fitted {'with' if fitted_with else 'without'} an output_fn; "
+            + ("pass the same one: fntk.load(path, model, output_fn=...)" if fitted_with
+               else "load it without output_fn")
+        )
     saved_shapes = meta.get("model_parameters", {})
     shapes = {n: list(t.shape) for n, t in model.named_parameters()}
     if shapes != saved_shapes:
@@ -153,7 +166,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
             f"fntk.load: {p!r} was fitted to a different model: parameters missing {missing}, "
             f"unexpected {extra}, with other shapes {differ}"
         )
-    lin = Linearized(model, meta["params"])
+    lin = Linearized(model, meta["params"], output_fn=output_fn)
     theta_hash, model_hash = model_hashes(lin, lin.module)
     if theta_hash != meta.get("theta_sha256") or model_hash != meta.get("model_sha256"):
         which = (

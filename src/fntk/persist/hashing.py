@@ -4,7 +4,6 @@ are taken in the model's own dtype."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 
 import torch
@@ -65,7 +64,7 @@ def working_linearization(lin: Linearized) -> Linearized:
     Defined here because :func:`load` must rebuild exactly the same linearization."""
     if lin.dtype not in LOW_PRECISION:
         return lin
-    return Linearized(copy.deepcopy(lin.module).float(), lin.names, memory_budget=lin.memory_budget)
+    return lin.with_dtype(torch.float32)
 
 
 
