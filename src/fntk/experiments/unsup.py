@@ -65,7 +65,7 @@ from fntk.experiments.common import (
     torch_threads,
 )
 from fntk.experiments.lambda_cv import check_folds, cv_prior_precision
-from fntk.experiments.unsup_report import transfer_figure, wide_tables
+from fntk.experiments.unsup_report import lambda_table, paired_tables, transfer_figure, wide_tables
 from fntk.experiments.unsup_source import curve_figure, source_encoder
 from fntk.linearize import Linearized
 from fntk.ntk import kernel_pool
@@ -240,17 +240,20 @@ def run(cfg: RunConfig) -> dict:
     order = {name: i for i, name in enumerate(ALL_METHODS)}
     rows, table = summary_table(records, by, METRICS)
     rows.sort(key=lambda r: (targets.index(r["target"]), r["m"], order[r["method"]]))
-    tables = wide_tables(rows, targets, ms, [mt for mt in ALL_METHODS if mt in methods])
+    ran = [mt for mt in ALL_METHODS if mt in methods]
+    fitted = [mt for mt in ("fntk_laplace", "fntk_cv") if mt in ran]
+    tables = {**wide_tables(rows, targets, ms, ran), **paired_tables(records, targets, ms, ran),
+              "lambda": lambda_table(records, targets, ms, fitted)}
     figures = [transfer_figure(rows, targets, ms, ALL_METHODS, cfg.out),
                curve_figure(source.history, cfg.out)]
     say(f"unsupervised → supervised transfer: {len(seeds)} seed(s), {grid['n_test']} test images per target")
-    for name in ("accuracy", "nll", "ece", "seconds"):
+    for name in ("accuracy", "nll", "ece", "seconds", "accuracy_vs_probe", "nll_vs_probe", "lambda"):
         say(f"\n{name}:\n{tables[name]}")
     results = {
         "experiment": "unsup",
         "config": {**grid, "seeds_per_m": {str(k): v for k, v in grid["seeds_per_m"].items()},
                    "seed": cfg.seed, "quick": cfg.quick},
-        "methods": [mt for mt in ALL_METHODS if mt in methods],
+        "methods": ran,
         "summary": rows,
         "table": table,
         "tables": tables,

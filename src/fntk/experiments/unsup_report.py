@@ -1,5 +1,7 @@
 """Tables and the figure of ``fntk run unsup``: one wide Markdown table per metric (methods × (target,
-m)) and accuracy / NLL against the labels per class, one panel per target."""
+m)), the paired differences to the linear probe on the same seeds, the chosen λ, and accuracy /
+NLL against the labels per class, one panel per target. Pure functions of the summary rows and
+records of results.json."""
 
 from __future__ import annotations
 
@@ -23,28 +25,84 @@ STYLES = {
 }
 
 
+def _grid(cols: list[tuple[str, int]], body: dict[str, list[str]]) -> str:
+    head = "| method | " + " | ".join(f"{t} m={m}" for t, m in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    lines += [f"| {method} | " + " | ".join(cells) + " |" for method, cells in body.items()]
+    return "\n".join(lines)
+
+
 def wide_tables(
     rows: list[dict], targets: Sequence[str], ms: Sequence[int], methods: Sequence[str]
 ) -> dict[str, str]:
     """{metric: Markdown table}: a row per method, a column per (target, m), cells ``mean ± std``
-    over seeds from the summary rows (``—`` where a method did not run)."""
+    over seeds from the summary rows (``—`` where a method did not run; a single seed is marked
+    ``(1 seed)`` instead of a zero std)."""
     index = {(r["target"], r["m"], r["method"]): r for r in rows}
     cols = [(t, m) for t in targets for m in ms]
     out = {}
     for metric, (scale, fmt) in CELLS.items():
-        head = "| method | " + " | ".join(f"{t} m={m}" for t, m in cols) + " |"
-        lines = [head, "|---|" + "---|" * len(cols)]
+        body = {}
         for method in methods:
             cells = []
             for t, m in cols:
                 r = index.get((t, m, method))
                 if r is None or r[metric] is None or not math.isfinite(r[metric]):
                     cells.append("—")
+                elif r["count"] == 1:
+                    cells.append(f"{scale * r[metric]:{fmt}} (1 seed)")
                 else:
                     cells.append(f"{scale * r[metric]:{fmt}} ± {scale * r[metric + '_std']:{fmt}}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        out[metric] = "\n".join(lines)
+            body[method] = cells
+        out[metric] = _grid(cols, body)
     return out
+
+
+def paired_tables(
+    records: list[dict], targets: Sequence[str], ms: Sequence[int], methods: Sequence[str],
+    reference: str = "probe",
+) -> dict[str, str]:
+    """{"accuracy_vs_probe", "nll_vs_probe": Markdown table}: per method and (target, m), the mean
+    ± std over seeds of (method − reference) on the same seed (accuracy in points), with the number
+    of seeds where it differs from one; the seeds a method did not run on are left out."""
+    by = {(r["target"], r["m"], r["seed"], r["method"]): r for r in records}
+    cols = [(t, m) for t in targets for m in ms]
+    out = {}
+    for metric in ("accuracy", "nll"):
+        scale, fmt = CELLS[metric]
+        body = {}
+        for method in (mt for mt in methods if mt != reference):
+            cells = []
+            for t, m in cols:
+                d = [scale * (r[metric] - by[(t, m, s, reference)][metric])
+                     for (tt, mm, s, mt), r in by.items()
+                     if (tt, mm, mt) == (t, m, method) and (t, m, s, reference) in by]
+                if not d:
+                    cells.append("—")
+                    continue
+                mean = sum(d) / len(d)
+                std = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
+                spread = f" ± {std:{fmt}}" if len(d) > 1 else " (1 seed)"
+                shown = round(mean, int(fmt[1:-1])) + 0.0  # no "-0.000"
+                cells.append(f"{shown:+{fmt}}{spread}")
+            body[method] = cells
+        out[f"{metric}_vs_{reference}"] = _grid(cols, body)
+    return out
+
+
+def lambda_table(records: list[dict], targets: Sequence[str], ms: Sequence[int],
+                 methods: Sequence[str] = ("fntk_laplace", "fntk_cv")) -> str:
+    """The λ each fntk fit chose, per (target, m): the seeds' values in seed order."""
+    cols = [(t, m) for t in targets for m in ms]
+    body = {}
+    for method in methods:
+        cells = []
+        for t, m in cols:
+            lams = [r["lambda"] for r in sorted(records, key=lambda r: r["seed"])
+                    if (r["target"], r["m"], r["method"]) == (t, m, method)]
+            cells.append(" / ".join(f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-") for v in lams) or "—")
+        body[method] = cells
+    return _grid(cols, body)
 
 
 def transfer_figure(
