@@ -418,10 +418,10 @@ def as_linearized(
         options = {"params": params, "memory_budget": memory_budget, "output_fn": output_fn}
         given = [k for k, v in options.items() if v is not None]
         if given:
+            where = ", ".join(f"{k}=..." for k in given)
             raise ValueError(
                 f"{', '.join(given)} must be None when {name} is already a fntk.Linearized; set "
-                f"{'them' if len(given) > 1 else 'it'} there: fntk.Linearized(model, params=..., "
-                "memory_budget=..., output_fn=...)"
+                f"{'them' if len(given) > 1 else 'it'} there: fntk.Linearized(model, {where})"
             )
         return model
     if isinstance(model, nn.Module):
