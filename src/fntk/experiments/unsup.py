@@ -34,8 +34,8 @@ Metrics on the test images: accuracy, NLL, ECE (15 bins), Brier; mean ± std ove
 fit + predict per method; ``fntk_map`` and ``fntk_laplace`` share one fit and include forming
 the kernel of [labelled; test] images (``kernel_seconds``); ``fntk_cv`` includes the CV (its
 fold kernels and the probe refits) and the refit; the fntk methods exclude the probe fit whose
-head they start from. Figures: accuracy and NLL against m per target, and the encoder's
-training curve.
+head they start from. Figures: accuracy against m per target with the paired differences to the
+probe (accuracy, NLL), and the encoder's training curve.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def run(cfg: RunConfig) -> dict:
     fitted = [mt for mt in ("fntk_laplace", "fntk_cv") if mt in ran]
     tables = {**wide_tables(rows, targets, ms, ran), **paired_tables(records, targets, ms, ran),
               "lambda": lambda_table(records, targets, ms, fitted)}
-    figures = [transfer_figure(rows, targets, ms, ALL_METHODS, cfg.out),
+    figures = [transfer_figure(rows, records, targets, ms, ran, cfg.out),
                curve_figure(source.history, cfg.out)]
     say(f"unsupervised → supervised transfer: {len(seeds)} seed(s), {grid['n_test']} test images per target")
     for name in ("accuracy", "nll", "ece", "seconds", "accuracy_vs_probe", "nll_vs_probe", "lambda"):

@@ -105,34 +105,69 @@ def lambda_table(records: list[dict], targets: Sequence[str], ms: Sequence[int],
     return _grid(cols, body)
 
 
+def _paired(records: list[dict], target: str, method: str, metric: str, reference: str = "probe"):
+    """[(m, mean, std, seeds)] of (method − reference) on the same seeds, in increasing m."""
+    ref = {(r["m"], r["seed"]): r[metric] for r in records
+           if r["target"] == target and r["method"] == reference}
+    diffs: dict[int, list[float]] = {}
+    for r in records:
+        if r["target"] == target and r["method"] == method and (r["m"], r["seed"]) in ref:
+            diffs.setdefault(r["m"], []).append(r[metric] - ref[(r["m"], r["seed"])])
+    out = []
+    for m in sorted(diffs):
+        d = diffs[m]
+        mean = sum(d) / len(d)
+        std = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
+        out.append((m, mean, std, len(d)))
+    return out
+
+
 def transfer_figure(
-    rows: list[dict], targets: Sequence[str], ms: Sequence[int], methods: Sequence[str], out: Path,
-    name: str = "unsup_transfer.png",
+    rows: list[dict], records: list[dict], targets: Sequence[str], ms: Sequence[int], methods: Sequence[str],
+    out: Path, name: str = "unsup_transfer.png",
 ) -> Path:
-    """Accuracy (top row) and NLL (bottom row, log scale) against labels per class, per target."""
+    """Per target (columns): test accuracy against labels per class (top), and the paired
+    differences to the linear probe on the same seeds, accuracy (middle) and NLL (bottom), for the
+    methods that start from the probe. Points from a single seed are drawn hollow."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, len(targets), figsize=(4.2 * len(targets), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(targets), figsize=(4.2 * len(targets), 9.5), squeeze=False)
+    near = [mt for mt in methods if mt not in ("probe", "scratch")]
     for j, target in enumerate(targets):
-        for i, metric in enumerate(("accuracy", "nll")):
+        ax = axes[0][j]
+        for method in methods:
+            r = sorted((row for row in rows if row["method"] == method and row["target"] == target),
+                       key=lambda row: row["m"])
+            if not r:
+                continue
+            color, ls = STYLES.get(method, (None, "-"))
+            ax.errorbar([row["m"] for row in r], [row["accuracy"] for row in r],
+                        yerr=[row["accuracy_std"] for row in r], color=color, ls=ls, marker="o", ms=3,
+                        capsize=2, label=method)
+            single = [row for row in r if row["count"] == 1]
+            ax.plot([row["m"] for row in single], [row["accuracy"] for row in single], "o", ms=6,
+                    mfc="white", color=color)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(TITLES.get(target, target))
+        for i, (metric, label) in enumerate((("accuracy", "accuracy − probe"), ("nll", "NLL − probe")), 1):
             ax = axes[i][j]
-            for method in methods:
-                r = sorted((row for row in rows if row["method"] == method and row["target"] == target),
-                           key=lambda row: row["m"])
-                if not r:
+            ax.axhline(0.0, color="tab:gray", ls="--", lw=1)
+            for method in near:
+                d = _paired(records, target, method, metric)
+                if not d:
                     continue
                 color, ls = STYLES.get(method, (None, "-"))
-                ax.errorbar([row["m"] for row in r], [row[metric] for row in r],
-                            yerr=[row[metric + "_std"] for row in r], color=color, ls=ls, marker="o", ms=3,
-                            capsize=2, label=method)
+                ax.errorbar([v[0] for v in d], [v[1] for v in d], yerr=[v[2] for v in d], color=color, ls=ls,
+                            marker="o", ms=3, capsize=2, label=method)
+                single = [v for v in d if v[3] == 1]
+                ax.plot([v[0] for v in single], [v[1] for v in single], "o", ms=6, mfc="white", color=color)
+            ax.set_ylabel(f"test {label} (same seeds)")
+        for ax in (axes[0][j], axes[1][j], axes[2][j]):
             ax.set_xscale("log")
             ax.set_xticks(list(ms))
             ax.set_xticklabels([str(m) for m in ms])
-            ax.set_xlabel("labels per class m")
-            ax.set_ylabel("test " + ("accuracy" if metric == "accuracy" else "NLL"))
-            ax.set_title(TITLES.get(target, target))
-            if metric == "nll":
-                ax.set_yscale("log")
+        axes[2][j].set_xlabel("labels per class m")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Contrastive MNIST encoder → labelled digits")
+    axes[1][0].legend(fontsize=7)
+    fig.suptitle("Contrastive MNIST encoder → labelled digits (hollow: one seed)")
     fig.tight_layout()
     return save_figure(fig, out, name)
