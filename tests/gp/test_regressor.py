@@ -82,7 +82,9 @@ def test_given_hyperparameters_match_reference(space, solver, shape):
 
 def test_learned_hyperparameters_agree_across_spaces():
     model, x, y, xs = problem(n=50, width=6)
-    regs = {sp: NTKRegressor(model, space=sp, solver="direct").fit(x, y) for sp in ("function", "weight")}
+    # the plain model (mean="network"): gp_model="auto" chooses in function space only
+    regs = {sp: NTKRegressor(model, space=sp, solver="direct", mean="network").fit(x, y)
+            for sp in ("function", "weight")}
     f, w = regs["function"], regs["weight"]
     for attr in ("scale_", "noise_", "constant_"):
         assert getattr(f, attr) == pytest.approx(getattr(w, attr), rel=1e-6)
@@ -99,7 +101,7 @@ def test_learned_hyperparameters_agree_across_spaces():
 
 def test_iterative_learning_matches_direct():
     model, x, y, xs = problem(n=50, width=6)
-    d = NTKRegressor(model, solver="direct").fit(x, y)
+    d = NTKRegressor(model, solver="direct", mean="network").fit(x, y)
     i = NTKRegressor(model, space="function", solver="iterative", solver_options=EXACT).fit(x, y)
     assert i.noise_ == pytest.approx(d.noise_, rel=1e-3) and i.scale_ == pytest.approx(d.scale_, rel=1e-3)
     assert rel_err(i.predict(xs).mean, d.predict(xs).mean) <= 1e-4
@@ -155,7 +157,7 @@ def test_multi_output_independent_gps():
         assert post.covariance_matrix.shape == (3, 9, 9)
         assert reg.log_marginal_likelihood().shape == (3,)
         for c in range(3):
-            one = NTKRegressor(model, output=c, space=space).fit(x, Y[:, c])
+            one = NTKRegressor(model, output=c, space=space, mean="network").fit(x, Y[:, c])
             p1 = one.predict(xs)
             assert rel_err(post.mean[:, c], p1.mean) <= 1e-6
             assert rel_err(post.variance[:, c], p1.variance) <= 1e-6
@@ -194,7 +196,7 @@ def test_partial_optimisation_keeps_given_values():
     model, x, y, _ = problem(n=30, width=5)
     reg = NTKRegressor(model, noise=0.03, optimize=("scale", "constant")).fit(x, y)
     assert reg.noise_ == pytest.approx(0.03, rel=1e-12)
-    free = NTKRegressor(model).fit(x, y)
+    free = NTKRegressor(model, mean="network").fit(x, y)
     assert reg.log_marginal_likelihood() <= free.log_marginal_likelihood() + 1e-9
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from fntk import persist
 from fntk.gp.hyper import F64, LOG2PI, Hyper, Objective
+from fntk.gp.means import gls
 from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized
 from fntk.ntk import cache
@@ -73,27 +74,33 @@ class Factor:
 
 
 def profile_b(q_zz: Tensor, q_z1: Tensor, q_11: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Quadratic form (z − b1)ᵀM⁻¹(z − b1) = q_zz − 2b q_z1 + b² q_11, b = argmin when None."""
-    if b is None:
-        b = q_z1 / q_11
-    return q_zz - 2 * b * q_z1 + b * b * q_11, b
+    """Quadratic form (z − b1)ᵀM⁻¹(z − b1) (k',) and b (k', 1), b = argmin when None: the one-column
+    case of :func:`fntk.gp.means.gls`."""
+    return gls(q_zz, q_z1[..., None], q_11[..., None, None], None if b is None else b.reshape(-1, 1))
 
 
 # --------------------------------------------------------------------------------- dense: function
 @persist.register("gp.DenseFunction")
 class DenseFunction:
-    """Function space with the dense kernel G_c = J_c J_cᵀ (k', n, n) formed once."""
+    """Function space with the dense kernel G_c = J_c J_cᵀ (k', n, n) formed once.
+
+    The mean's design H (k', n, q) (:mod:`fntk.gp.means`; default the column of ones) enters the
+    evidence through the GLS-profiled β; ``G`` and ``eig`` may be passed in when several models
+    share one kernel (they are only read until :meth:`condition`, which overwrites G)."""
 
     space = "function"
 
-    def __init__(self, lin: Linearized, x: Tensor, outputs: Sequence[int], z: Tensor, method: str = "auto"):
+    def __init__(self, lin: Linearized, x: Tensor, outputs: Sequence[int], z: Tensor, method: str = "auto",
+                 H: Tensor | None = None, G: Tensor | None = None,
+                 eig: tuple[Tensor, Tensor] | None = None):
         self.lin, self.x, self.outputs, self.method = lin, x, list(outputs), method
         self.z = z  # (k', n) standardised residuals
         self.n = x.shape[0]
+        self.H = H if H is not None else torch.ones_like(z)[..., None]
         # symmetric by construction (fntk.ntk mirrors the half it computes); Cholesky and eigh
         # read the lower triangle only
-        self.G = cache.output_kernels(lin, x, None, self.outputs, method).to(F64)
-        self._eig: tuple[Tensor, Tensor] | None = None
+        self.G = G if G is not None else cache.output_kernels(lin, x, None, self.outputs, method).to(F64)
+        self._eig: tuple[Tensor, Tensor] | None = eig
         self.h: Hyper | None = None
 
     def prior_scale(self) -> Tensor:
@@ -104,34 +111,55 @@ class DenseFunction:
         """Working bytes of :meth:`predict` per test point (cross kernel, whitened copy, temporaries)."""
         return 3 * 8 * len(self.outputs) * self.n
 
-    def objective(self) -> Objective:
-        """Exact log marginal likelihood at any (s, σ², b) in O(n) after one eigh G = UΛUᵀ."""
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """(Λ (k', n) clamped at 0, U (k', n, n)) with G = UΛUᵀ, computed once."""
         if self._eig is None:
             lam, U = torch.linalg.eigh(self.G)
             self._eig = (lam.clamp_min(0), U)
-        lam, U = self._eig
+        return self._eig
+
+    def objective(self) -> Objective:
+        """Exact log marginal likelihood at any (s, σ², β) in O(nq²) after one eigh G = UΛUᵀ."""
+        lam, U = self.eigh()
         a = (U.mT @ self.z[..., None])[..., 0]
-        c = U.sum(-2)  # Uᵀ1
+        C = U.mT @ self.H  # (k', n, q)
         n = self.n
 
         def f(log_s: Tensor, log_noise: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
             d = log_s.exp()[:, None] * lam + log_noise.exp()[:, None]
-            quad, b = profile_b((a * a / d).sum(-1), (a * c / d).sum(-1), (c * c / d).sum(-1), b)
-            return -0.5 * (quad + d.log().sum(-1) + n * LOG2PI), b
+            Cd = C / d[..., None]
+            quad, beta = gls((a * a / d).sum(-1), (Cd * a[..., None]).sum(-2), C.mT @ Cd,
+                             None if b is None else b.reshape(-1, 1))
+            return -0.5 * (quad + d.log().sum(-1) + n * LOG2PI), beta
 
         return f
 
+    def loo_parts(self, h: Hyper) -> tuple[Tensor, Tensor, Tensor]:
+        """(diag M⁻¹ (k', n), M⁻¹H (k', n, q), α = M⁻¹(z − Hβ) (k', n)) from the eigendecomposition,
+        M = sG + σ²I, for the leave-one-out predictive (:mod:`fntk.gp.selection`)."""
+        lam, U = self.eigh()
+        d = h.scale[:, None] * lam + h.noise[:, None]
+        minv = (U * U / d[:, None, :]).sum(-1)
+        MinvH = U @ ((U.mT @ self.H) / d[..., None])
+        r = self.z - (self.H @ h.beta[..., None])[..., 0]
+        alpha = (U @ ((U.mT @ r[..., None])[..., 0] / d)[..., None])[..., 0]
+        return minv, MinvH, alpha
+
     def condition(self, h: Hyper) -> None:
-        """Cholesky of sG + σ²I and α = (sG + σ²I)⁻¹(z − b). (Also after an eigh: n³/3 more flops
+        """Cholesky of sG + σ²I and α = (sG + σ²I)⁻¹(z − Hβ). (Also after an eigh: n³/3 more flops
         buy the backward stability of Cholesky at the chosen hyperparameters.)"""
         self.h = h
         # sG + σ²I overwrites G (one n × n buffer less: 3.2 GB at n = 20,000); conditioning is the
         # last use of G in a fit
         M, self.G = self.G, None
+        self._eig = None
         M.mul_(h.scale[:, None, None]).diagonal(dim1=-2, dim2=-1).add_(h.noise[:, None])
         self.factor = Factor.cholesky(M)
         del M
-        self.resid = self.z - h.constant[:, None]
+        if h.slope is None:
+            self.resid = self.z - h.constant[:, None]
+        else:
+            self.resid = self.z - (self.H @ h.beta[..., None])[..., 0]
         self.alpha = self.factor.solve(self.resid[..., None])[..., 0]
 
     def lml(self) -> Tensor:
@@ -139,7 +167,7 @@ class DenseFunction:
         return -0.5 * (quad + self.factor.logdet() + self.n * LOG2PI)
 
     def predict(self, xs: Tensor, full_cov: bool) -> tuple[Tensor, Tensor]:
-        """Latent mean (k', m) (without b) and variance (k', m) or covariance (k', m, m)."""
+        """Latent mean (k', m) (without the mean Hβ) and variance (k', m) or covariance (k', m, m)."""
         s = self.h.scale[:, None]
         Kxs = cache.output_kernels(self.lin, self.x, xs, self.outputs, self.method).to(F64)  # (k', n, m)
         mean = s * (Kxs.mT @ self.alpha[..., None])[..., 0]
@@ -154,18 +182,29 @@ class DenseFunction:
 # ----------------------------------------------------------------------------------- dense: weight
 @persist.register("gp.DenseWeight")
 class DenseWeight:
-    """Weight space with the dense A_c = J_cᵀJ_c (k', p, p), accumulated over Jacobian row blocks."""
+    """Weight space with the dense A_c = J_cᵀJ_c (k', p, p), accumulated over Jacobian row blocks.
+
+    The mean's design is the column of ones, or (``H`` with q = 2, the "scaled" mean) ones and the
+    standardised network output f̃, whose products Jᵀf̃, zᵀf̃, 1ᵀf̃, f̃ᵀf̃ are accumulated as well."""
 
     space = "weight"
 
-    def __init__(self, lin: Linearized, x: Tensor, outputs: Sequence[int], z: Tensor):
+    def __init__(self, lin: Linearized, x: Tensor, outputs: Sequence[int], z: Tensor,
+                 H: Tensor | None = None):
         self.lin, self.x, self.outputs = lin, x, list(outputs)
         self.z, self.n, self.p = z, x.shape[0], lin.num_params
-        rhs = torch.stack([z, torch.ones_like(z)], dim=-1)  # (k', n, 2)
+        cols = [z, torch.ones_like(z)] + ([] if H is None or H.shape[-1] == 1 else [H[..., 1]])
+        rhs = torch.stack(cols, dim=-1)  # (k', n, 2 or 3)
         A, B = gram.dense_weight_gram(lin, x, self.outputs, rhs)
         self.A = A  # symmetric: accumulated as Σ JᵀJ blocks (Cholesky and eigh read one triangle)
         self.gz, self.g1 = B[..., 0], B[..., 1]  # Jᵀz, Jᵀ1: (k', p)
         self.zz, self.z1 = (z * z).sum(-1), z.sum(-1)
+        self.f = None if len(cols) == 2 else cols[2]  # f̃ (k', n)
+        if self.f is not None:
+            self.gf = B[..., 2]
+            self.gH = B[..., 1:]  # (k', p, 2)
+            Hm = torch.stack(cols[1:], -1)
+            self.zH, self.HH = (z[..., None] * Hm).sum(-2), Hm.mT @ Hm  # (k', 2), (k', 2, 2)
         self._eig: tuple[Tensor, Tensor] | None = None
         self.h: Hyper | None = None
 
@@ -177,14 +216,17 @@ class DenseWeight:
         return 3 * 8 * len(self.outputs) * self.p
 
     def objective(self) -> Objective:
-        """Exact log marginal likelihood in O(p) per evaluation after one eigh A = VΘVᵀ."""
+        """Exact log marginal likelihood in O(pq²) per evaluation after one eigh A = VΘVᵀ."""
         if self._eig is None:
             th, V = torch.linalg.eigh(self.A)
             self._eig = (th.clamp_min(0), V)
         th, V = self._eig
         hz = (V.mT @ self.gz[..., None])[..., 0]
-        h1 = (V.mT @ self.g1[..., None])[..., 0]
-        n, zz, z1 = self.n, self.zz, self.z1
+        n, zz = self.n, self.zz
+        if self.f is None:
+            hH, zH, HH = (V.mT @ self.g1[..., None]), self.z1[..., None], zz.new_full((zz.shape[0], 1, 1), n)
+        else:
+            hH, zH, HH = V.mT @ self.gH, self.zH, self.HH
 
         def f(log_s: Tensor, log_noise: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
             noise = log_noise.exp()
@@ -192,29 +234,39 @@ class DenseWeight:
             e = th + lam
             # quadratic forms of M = sG + σ²I by Woodbury: uᵀM⁻¹v = (uᵀv − (Jᵀu)ᵀ(A + λI)⁻¹(Jᵀv))/σ²
             q_zz = (zz - (hz * hz / e).sum(-1)) / noise
-            q_z1 = (z1 - (hz * h1 / e).sum(-1)) / noise
-            q_11 = (n - (h1 * h1 / e).sum(-1)) / noise
-            quad, b = profile_b(q_zz, q_z1, q_11, b)
+            hHe = hH / e[..., None]
+            q_zH = (zH - (hHe * hz[..., None]).sum(-2)) / noise[:, None]
+            Q = (HH - hH.mT @ hHe) / noise[:, None, None]
+            quad, beta = gls(q_zz, q_zH, Q, None if b is None else b.reshape(-1, 1))
             logdet = n * log_noise + torch.log1p(th / lam).sum(-1)
-            return -0.5 * (quad + logdet + n * LOG2PI), b
+            return -0.5 * (quad + logdet + n * LOG2PI), beta
 
         return f
 
     def condition(self, h: Hyper) -> None:
-        """Cholesky of A + λI and w̄ = (A + λI)⁻¹Jᵀ(z − b)."""
+        """Cholesky of A + λI and w̄ = (A + λI)⁻¹Jᵀ(z − Hβ)."""
         self.h = h
         lam = h.noise / h.scale
         M, self.A = self.A, None  # A + λI in place: conditioning is the last use of A in a fit
+        self._eig = None
         M.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
         self.factor = Factor.cholesky(M)
         del M
-        self.g = self.gz - h.constant[:, None] * self.g1  # Jᵀ(z − b)
+        if h.slope is None:
+            self.g = self.gz - h.constant[:, None] * self.g1  # Jᵀ(z − b)
+        else:
+            self.g = self.gz - (self.gH @ h.beta[..., None])[..., 0]
         self.wbar = self.factor.solve(self.g[..., None])[..., 0]
 
     def lml(self) -> Tensor:
         h, n, p = self.h, self.n, self.p
         b, noise, lam = h.constant, h.noise, h.noise / h.scale
-        rr = self.zz - 2 * b * self.z1 + b * b * n
+        if getattr(h, "slope", None) is None:
+            rr = self.zz - 2 * b * self.z1 + b * b * n
+        else:  # ‖z − Hβ‖² = zᵀz − 2βᵀHᵀz + βᵀHᵀHβ
+            beta = h.beta
+            bHHb = (beta[..., None, :] @ self.HH @ beta[..., None])[..., 0, 0]
+            rr = self.zz - 2 * (beta * self.zH).sum(-1) + bHHb
         quad = (rr - (self.g * self.wbar).sum(-1)) / noise
         logdet = n * noise.log() + self.factor.logdet() - p * lam.log()
         return -0.5 * (quad + logdet + n * LOG2PI)

@@ -137,6 +137,40 @@ def plan(
     return Plan(sp, so, t)
 
 
+#: evaluations of a composite model's evidence per fit (4 starts, L-BFGS ≤ 100 iterations) and the
+#: cost of one with its gradient, in units of n³/3 flops (Cholesky, triangular solves, backward)
+COMPOSITE_EVALS, COMPOSITE_EVAL_COST = 130, 4.0
+
+
+def choice_seconds(models, n: int) -> float:
+    """Estimated seconds of the models' hyperparameter searches beyond one plain fit: every
+    composite model's Cholesky-per-evaluation search and its scores (leave-one-out inverse, Hessian
+    by 2q gradients ≈ 20 evaluations), every further spectral one's O(n²) pieces (negligible)."""
+    composite = sum(not m.spectral for m in models)
+    return composite * (COMPOSITE_EVALS + 20) * COMPOSITE_EVAL_COST * n**3 / 3 / R_GEMM
+
+
+def check_choice(models, n: int, memory_limit: int | None, time_limit: float | None) -> None:
+    """Refuse (before any pass over the data) a set of models whose composite searches exceed
+    ``time_limit`` or whose dense matrices (kernel terms, Cholesky factor, inverse: (L + 3) n²
+    doubles) exceed ``memory_limit``."""
+    composite = [m for m in models if not m.spectral]
+    if not composite:
+        return
+    msg = over_time(
+        f"NTKRegressor.fit of {len(composite)} composite model(s) on n={n:,} points",
+        choice_seconds(models, n), time_limit,
+        "fewer points, or spectral models only (model='network', 'constant' or 'scaled')",
+    )
+    if msg is not None:
+        raise TimeLimitError(msg)
+    need = 6 * n * n * F64_BYTES
+    msg = over_memory(f"the composite GP's dense matrices (n={n:,})", need, memory_limit_bytes(memory_limit),
+                      "memory_limit", "fit fewer points or a spectral model")
+    if msg is not None:
+        raise NTKMemoryError(msg)
+
+
 def predict_chunked(st, budget: int, xs: Tensor) -> tuple[Tensor, Tensor]:
     """``st.predict(xs, full_cov=False)`` over chunks of test points whose working set
     (``st.point_bytes()`` per point) fits ``budget`` bytes: (mean (k', m), variance (k', m))."""

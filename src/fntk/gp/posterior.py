@@ -22,7 +22,8 @@ class NTKPosterior:
     Attributes:
         mean: E[f(x*)] = prior mean (network and/or constant) + posterior correction.
         variance: Var[f(x*)], the latent (noise-free) variance.
-        noise: the learned observation noise variance σ² (float, or (k,)).
+        noise: the observation noise variance σ² at the test points: a 0-d tensor (one output),
+            (m,) (one output, input-dependent noise) or (k,) (k outputs).
     """
 
     def __init__(
@@ -83,8 +84,11 @@ class NTKPosterior:
         C = cov if multi else cov[None]
         m = C.shape[-1]
         if predictive:
-            noise = torch.as_tensor(self.noise, dtype=C.dtype).reshape(-1, 1, 1)
-            C = C + noise.to(C.device) * torch.eye(m, dtype=C.dtype, device=C.device)
+            noise = torch.as_tensor(self.noise, dtype=C.dtype).to(C.device)
+            if not multi and noise.dim() == 1:  # one variance per test point
+                C = C + torch.diag_embed(noise)[None]
+            else:
+                C = C + noise.reshape(-1, 1, 1) * torch.eye(m, dtype=C.dtype, device=C.device)
         L = safe_cholesky(0.5 * (C + C.mT), "the posterior covariance")
         eps = torch.randn(C.shape[0], m, num_samples, dtype=C.dtype, generator=generator).to(C.device)
         draws = (L @ eps).permute(2, 1, 0)  # (s, m, k')

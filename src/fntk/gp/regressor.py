@@ -3,12 +3,16 @@ r"""NTK Gaussian-process regression: adapt a trained network to a new regression
 Model (for the selected output c of the network, n training points X, targets y):
 
     y = m(x) + g(x) + ε,   g ~ GP(0, s·J_c(x)J_c(x')ᵀ),   ε ~ N(0, σ²),
-    m(x) = f_c(x; θ̂) + b   (mean="network")   or   m(x) = b   (mean="constant", the paper's code),
+    m(x) = f_c(x; θ̂) + b ("network"),  b ("constant", the paper's code)  or  a·f_c(x; θ̂) + b ("scaled"),
 
-i.e. the Bayesian linear model f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂) with prior w − θ̂ ~ N(0, s·I).
-The kernel scale s, noise σ² and constant b maximise the exact log marginal likelihood
-log N(y | m(X), s·J Jᵀ + σ²I). Internally y − f_c(X) is standardised; all reported quantities
-(predictions, hyperparameters, marginal likelihood) are in the original units.
+i.e. the Bayesian linear model f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂) with prior w − θ̂ ~ N(0, s·I),
+and its extensions (:mod:`fntk.gp.models`): an input-space kernel added to the NTK, one scale per
+layer, noise from the source net's variance output. The hyperparameters maximise the exact log
+marginal likelihood (a and b profiled by generalised least squares), with hyperpriors when the
+model is chosen automatically; ``gp_model="auto"`` (the default) chooses among a candidate set by the
+leave-one-out predictive likelihood (:mod:`fntk.gp.selection`). Internally y − o(X) is
+standardised; all reported quantities (predictions, hyperparameters, marginal likelihood) are in
+the original units.
 
 Function space works with the n × n kernel, weight space with the p × p matrix JᵀJ (push-through
 identity; determinant lemma for the marginal likelihood); both are exact and agree. See
@@ -25,38 +29,25 @@ from torch import Tensor, nn
 
 from fntk import persist, validation
 from fntk.errors import NotFittedError
-from fntk.gp import dense, iterative, plan
-from fntk.gp.hyper import F64, Hyper, observe, optimize
+from fntk.gp import iterative, plan, selection
+from fntk.gp.hyper import F64
+from fntk.gp.means import Design, offset_uses_network
+from fntk.gp.models import CRITERIA, PLAIN, VARIANCE_LINKS, GPModel, parse_optimize, parse_options, resolve
+from fntk.gp.network import check_variance_output
 from fntk.gp.posterior import NTKPosterior
-from fntk.gp.targets import check_targets, standardise
+from fntk.gp.targets import check_targets
 from fntk.linearize import Linearized, ParamSelection, as_linearized
 from fntk.linearize.outputs import OutputFn
 from fntk.ntk import NTKMethod
 from fntk.validation import Callback, check_callback
 
-MEANS = ("network", "constant")
-HYPERPARAMETERS = ("scale", "noise", "constant")
-DEFAULT_NOISE = 0.1  # standardised units: a tenth of the residual variance
 #: default ``time_limit``: fits the planner estimates above one hour are refused
 DEFAULT_TIME_LIMIT = 3600.0
 #: attributes of objects saved before they existed (restored on load)
-_DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False}
-
-
-def _learn(optimize: object) -> frozenset[str]:
-    if isinstance(optimize, bool):
-        return frozenset(HYPERPARAMETERS) if optimize else frozenset()
-    if isinstance(optimize, str):  # one name, not its letters
-        optimize = (optimize,)
-    if not isinstance(optimize, Iterable):
-        raise TypeError(
-            f"optimize must be True, False or an iterable of names from {HYPERPARAMETERS}, got {optimize!r}"
-        )
-    learn = frozenset(optimize)
-    unknown = sorted(map(str, learn - set(HYPERPARAMETERS)))
-    if unknown:
-        raise ValueError(f"optimize: unknown hyperparameter(s) {unknown}; valid: {HYPERPARAMETERS}")
-    return learn
+_DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False, "variance_output": None,
+             "variance_link": "softplus", "criterion": "loo", "hyperprior": None, "_design": None,
+             "_variance": None, "model_scores_": {}}
+DEFAULT_CRITERION = "loo"
 
 
 @persist.register("NTKRegressor")
@@ -79,7 +70,24 @@ class NTKRegressor:
             1e-6 × the variance of the residual y − f_c(x) (a jitter floor).
         method: how the dense kernel is computed, passed to ``fntk.ntk``: an ``fntk.NTKMethod``
             or its name ("auto", "structured", "contraction", "products").
-        mean: ``"network"`` (f_c(x; θ̂) + b) or ``"constant"`` (b only).
+        mean: shorthand for ``gp_model=<mean>``: ``"network"`` (f_c(x; θ̂) + b, the plain NTK-GP),
+            ``"constant"`` (b only) or ``"scaled"`` (a·f_c(x; θ̂) + b, a and b by GLS).
+        gp_model: ``"auto"`` (default: choose among :func:`fntk.gp.models.default_candidates` by
+            ``criterion``), a model name (``"network"``, ``"scaled+rbf"``, ``"network+hetero"``, ...;
+            :mod:`fntk.gp.models`), a :class:`~fntk.gp.models.GPModel`, or a list of them to choose
+            among. The choice runs for one output in function space with the direct solver and
+            every hyperparameter learned (given ``scale``/``constant`` or ``optimize`` ≠ True keep
+            the plain ``"network"`` model), on at least 5 points; composite candidates (input
+            kernel, source noise) only up to n = 2,000 points in the automatic set.
+        variance_output, variance_link: the output of a heteroscedastic net that gives its
+            variance σ²_src(x) = link(f_v(x)) (link ``"softplus"`` | ``"exp"`` | ``"identity"``),
+            needed by ``+hetero`` and ``@src`` models; with it, ``gp_model="auto"`` adds those.
+        criterion: how ``gp_model`` candidates are compared: ``"loo"`` (the closed-form leave-one-out
+            predictive log likelihood), ``"evidence"`` (Laplace evidence with hyperpriors) or
+            ``"marglik"`` (the plain marginal likelihood, which over-fits the choice).
+        hyperprior: fit with the hyperpriors of :mod:`fntk.gp.priors` (MAP-II); default None: on
+            when ``gp_model`` chooses among several models, off for a single model (the plain
+            evidence, as before).
         scale: kernel scale s (the prior variance of w − θ̂); initial value when learned.
         constant: the constant b of the prior mean; initial value when learned.
         solver: ``"auto"`` | ``"direct"`` (dense Cholesky/eigh) | ``"iterative"`` (matrix-free
@@ -99,8 +107,10 @@ class NTKRegressor:
             linearized, as in :class:`~fntk.Linearized` (default: a tensor as is, a dict's "logits").
 
     After :meth:`fit`: ``space_`` ("function" | "weight"), ``solver_`` ("direct" | "iterative"),
-    ``scale_``, ``noise_``, ``constant_`` (floats, or (k,) tensors with ``output=None``),
-    ``estimated_seconds_`` (the planner's estimates behind the choice).
+    ``model_`` (the fitted model's name), ``model_scores_`` ({name: {"loo", "evidence",
+    "marglik", "log_hyperprior"}} of every candidate scored, data units), ``scale_``, ``noise_``,
+    ``constant_``, ``slope_`` (floats, or (k,) tensors with ``output=None``), ``hyperparameters_``
+    (all learned values, data units), ``estimated_seconds_`` (the planner's estimates).
 
     A fit that raises or is interrupted (e.g. KeyboardInterrupt from ``callback``) leaves the
     regressor exactly as it was. Calls on one regressor from several threads are serialised by a
@@ -124,8 +134,13 @@ class NTKRegressor:
         noise: float | None = None,
         optimize: bool | Iterable[str] = True,
         method: str = "auto",
-        mean: str = "network",
+        mean: str | None = None,
         *,
+        gp_model: str | GPModel | Iterable = "auto",
+        variance_output: int | None = None,
+        variance_link: str = "softplus",
+        criterion: str = DEFAULT_CRITERION,
+        hyperprior: bool | None = None,
         scale: float | None = None,
         constant: float | None = None,
         solver: str = "auto",
@@ -137,10 +152,20 @@ class NTKRegressor:
     ):
         v = validation
         for name, value, valid in (("space", space, plan.SPACES), ("solver", solver, plan.SOLVERS),
-                                   ("mean", mean, MEANS)):
+                                   ("criterion", criterion, CRITERIA), ("variance_link", variance_link,
+                                                                         VARIANCE_LINKS)):
             if not isinstance(value, str) or value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-        self.space, self.solver, self.mean = space, solver, mean
+        self.space, self.solver, self.criterion, self.variance_link = space, solver, criterion, variance_link
+        self.models = parse_options(mean, gp_model)
+        # mean: the legacy option; the mean of the fitted model is self._model.mean
+        self.mean = self.models[0].mean if self.models is not None and len(self.models) == 1 else "network"
+        if variance_output is not None and (
+            isinstance(variance_output, bool) or not isinstance(variance_output, int)
+        ):
+            raise TypeError(f"variance_output must be an int output index or None, got {variance_output!r}")
+        self.variance_output = variance_output
+        self.hyperprior = None if hyperprior is None else v.flag("hyperprior", hyperprior)
         try:
             NTKMethod(method.lower() if isinstance(method, str) else method)
         except ValueError:
@@ -150,7 +175,7 @@ class NTKRegressor:
             ) from None
         if output is not None and (isinstance(output, bool) or not isinstance(output, int)):
             raise TypeError(f"output must be an int output index or None, got {output!r}")
-        self.learn = _learn(optimize)
+        self.learn = parse_optimize(optimize)
         self.noise = v.real("noise", noise, positive=True, allow_none=True)
         self.scale = v.real("scale", scale, positive=True, allow_none=True)
         self.constant = v.real("constant", constant, allow_none=True)
@@ -175,6 +200,10 @@ class NTKRegressor:
         self._lock = threading.RLock()
         for k, val in {**_DEFAULTS, "_model_dtype": self.lin.dtype}.items():
             self.__dict__.setdefault(k, val)
+        self.__dict__.setdefault("models", [GPModel(self.mean)])  # files before the model option
+        if self._state is not None:
+            self.__dict__.setdefault("_model", GPModel(self.mean))
+            self.__dict__.setdefault("model_", self._model.name)
 
     # ------------------------------------------------------------------ validation
     def _outputs(self) -> list[int]:
@@ -214,42 +243,34 @@ class NTKRegressor:
         # the plan (cheap estimates) and its guards come before the first pass over the data
         pl = plan.plan(lin, x, kk, self.space, self.solver, bool(self.learn), R, self.options.num_probes,
                        self.memory_limit, self.time_limit)
-        prior = lin.forward(x)[:, outputs].to(F64) if self.mean == "network" else torch.zeros_like(Y)
-        mu, sd = standardise(Y - prior)
-        z = ((Y - prior - mu) / sd).T.contiguous()  # (k', n)
-        if pl.solver == "direct":
-            st = (
-                dense.DenseFunction(lin, x, outputs, z, self.method)
-                if pl.space == "function"
-                else dense.DenseWeight(lin, x, outputs, z)
-            )
-        else:
-            st = iterative.Iterative(lin, x, outputs, z, pl.space, self.options)
-
-        prior_scale = st.prior_scale().clamp_min(1e-300)
-        init = Hyper(  # given values are in the data's units: / sd twice (sd² may overflow)
-            scale=(1.0 / prior_scale) if self.scale is None else sd.new_full((kk,), self.scale) / sd / sd,
-            noise=sd.new_full((kk,), DEFAULT_NOISE)
-            if self.noise is None
-            else sd.new_full((kk,), self.noise) / sd / sd,
-            constant=sd.new_zeros(kk)
-            if self.constant is None
-            else (sd.new_full((kk,), self.constant) - mu) / sd,
-        )
-        if self.learn:
-            with validation.progress(callback, self.progress, "NTKRegressor.fit") as cb:
-                objective = st.objective()
-                h = optimize(observe(objective, cb), init, self.learn)
-        else:
-            objective, h = None, init
-        st.condition(h)
-        if objective is not None and pl.solver == "iterative":
-            st.check_quadrature(objective)
-        _check_finite(h, mu, sd)
-        self._state, self._mu, self._sd, self._outputs_ = st, mu, sd, outputs
+        fixed = self.scale is not None or self.constant is not None
+        models = resolve(self.models, single_output=self.output is not None, space=pl.space,
+                         solver=pl.solver, learn_all=self.learn == selection.LEARN_ALL, fixed=fixed, n=n,
+                         has_variance=self.variance_output is not None)
+        variance = None  # (index, link): informs the noise prior of every model, feeds +hetero/@src
+        needs = [m.name for m in models if m.needs_variance]
+        if needs or (self.variance_output is not None and models != [PLAIN]):
+            index = check_variance_output(self.variance_output, lin.num_outputs,
+                                          f"model {needs[0]!r}" if needs else "variance_output")
+            variance = (index, self.variance_link)
+        hyperprior = self.hyperprior if self.hyperprior is not None else len(models) > 1
+        plan.check_choice(models, n, self.memory_limit, self.time_limit)
+        init = {"scale": self.scale, "noise": self.noise, "constant": self.constant}
+        with validation.progress(callback, self.progress, "NTKRegressor.fit") as cb:
+            if len(models) == 1 and models[0].spectral and not hyperprior:
+                best, scores = selection.fit_plain(lin, x, Y, outputs, pl.space, pl.solver, models[0], init,
+                                                   self.learn, self.method, self.options, cb), {}
+            else:  # one output, function space, direct solver (checked by resolve)
+                sh = selection.Shared(lin, x, outputs[0], Y[:, 0], lin.forward(x).to(F64), self.method)
+                best, scores = selection.fit_models(sh, models, self.criterion, hyperprior, init,
+                                                    self.learn, variance, cb)
+        selection.check_finite(best.h, best.mu, best.sd)
+        self._state, self._mu, self._sd, self._outputs_ = best.state, best.mu, best.sd, outputs
+        self._h, self._design, self._model = best.h, best.design, best.model
+        self._variance = variance if best.model.needs_variance else None
+        self.model_, self.model_scores_ = best.model.name, scores
         self.space_, self.solver_, self.estimated_seconds_ = pl.space, pl.solver, pl.seconds
         self.n_ = n
-        self._h = h
 
     # ------------------------------------------------------------------ fitted values
     def _fmt(self, t: Tensor) -> float | Tensor:
@@ -269,12 +290,41 @@ class NTKRegressor:
             self._check_fitted()
             return self._fmt(self._h.noise * self._sd**2)
 
+    def _coefficients(self) -> tuple[Tensor, Tensor]:
+        """(a, b) of the prior mean a·f + b in the data's units, (k',) each."""
+        design = self._design if self._design is not None else Design(False)
+        a, b = design.coefficients(self._h.beta, self._mu, self._sd)
+        return (a if offset_uses_network(self._model.mean) else torch.zeros_like(a)), b
+
     @property
     def constant_(self) -> float | Tensor:
         """The constant b of the prior mean (original units)."""
         with self._lock:
             self._check_fitted()
-            return self._fmt(self._mu + self._sd * self._h.constant)
+            if self._design is None or not self._design.slope:
+                return self._fmt(self._mu + self._sd * self._h.constant)
+            return self._fmt(self._coefficients()[1])
+
+    @property
+    def slope_(self) -> float | Tensor:
+        """The factor a of the network output in the prior mean a·f + b: 1 ("network"), 0
+        ("constant"), learned ("scaled")."""
+        with self._lock:
+            self._check_fitted()
+            return self._fmt(self._coefficients()[0])
+
+    @property
+    def hyperparameters_(self) -> dict:
+        """Every learned value in the data's units: scale (or layer_scales), noise, constant,
+        slope, and for composite models input_scale, lengthscales, noise_multiplier."""
+        with self._lock:
+            self._check_fitted()
+            sd2 = self._sd**2
+            out = {"scale": self._fmt(self._h.scale * sd2), "noise": self._fmt(self._h.noise * sd2)}
+            if hasattr(self._state, "hyperparameters"):
+                out = self._state.hyperparameters(self._sd)
+            a, b = self._coefficients()
+            return {**out, "constant": self._fmt(b), "slope": self._fmt(a)}
 
     def log_marginal_likelihood(self) -> float | Tensor:
         """log p(y | X, s, σ², b) at the fitted hyperparameters (float, or (k,) per output).
@@ -300,12 +350,17 @@ class NTKRegressor:
     def _predict(self, x: Tensor) -> NTKPosterior:
         lin, st, lock = self.lin, self._state, self._lock
         xs = lin.check_input(x, "x")
-        outputs, sd, h = self._outputs_, self._sd, self._h
-        prior = lin.forward(xs)[:, outputs].to(F64).T if self.mean == "network" else 0.0
+        outputs, sd, h, model, design = self._outputs_, self._sd, self._h, self._model, self._design
+        f = lin.forward(xs)[:, outputs].to(F64).T if offset_uses_network(model.mean) else None
+        prior = f if f is not None else 0.0
         m_std, var_std = plan.predict_chunked(st, lin.memory_budget, xs)
-        mean = prior + self._mu[:, None] + sd[:, None] * (h.constant[:, None] + m_std)
+        if h.slope is None:
+            mean = prior + self._mu[:, None] + sd[:, None] * (h.constant[:, None] + m_std)
+        else:
+            Hs = design.columns(f, xs.shape[0], len(outputs), m_std)
+            mean = prior + self._mu[:, None] + sd[:, None] * ((Hs @ h.beta[..., None])[..., 0] + m_std)
         var = var_std.clamp_min(0) * sd[:, None] ** 2
-        noise = h.noise * sd**2
+        noise = st.noise_at(xs) * (sd**2)[:, None] if model.source_noise else h.noise * sd**2
 
         def covariance() -> Tensor:
             with lock:
@@ -325,17 +380,6 @@ class NTKRegressor:
             persist.save(self, path)
 
     def __repr__(self) -> str:
-        fitted = f", space_={self.space_!r}, solver_={self.solver_!r}" if self._state is not None else ""
+        fitted = (f", model_={self.model_!r}, space_={self.space_!r}, solver_={self.solver_!r}"
+                  if self._state is not None else "")
         return f"NTKRegressor({self.lin!r}, output={self.output}, space={self.space!r}{fitted})"
-
-
-def _check_finite(h: Hyper, mu: Tensor, sd: Tensor) -> None:
-    """Every derived statistic in the data's units must be a finite float64 (scale, noise,
-    constant); a ValueError naming the one that is not (never silent NaN/Inf predictions)."""
-    derived = {"scale_": h.scale * sd**2, "noise_": h.noise * sd**2, "constant_": mu + sd * h.constant}
-    for name, t in derived.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"the fitted {name} is not finite ({t.tolist()}): the data's scale or the kernel is "
-                "out of float64's range; rescale y (or check the network's outputs and Jacobian)"
-            )

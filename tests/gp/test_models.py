@@ -1,0 +1,312 @@
+"""The NTK-GP model options (prior means, input kernels, per-layer scales, source noise) and the
+leave-one-out criterion, against dense float64 references written with plain torch: explicit
+Jacobians, explicit kernel matrices, GLS by normal equations, leave-one-out by n explicit refits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fntk
+from fntk.gp import NTKRegressor
+from fntk.gp.models import GPModel, default_candidates
+
+from models import tanh_mlp
+from reference import dense_jacobian, rel_err
+
+F64 = torch.float64
+LOG2PI = math.log(2 * math.pi)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def problem(n=30, k=2, seed=0, width=8):
+    torch.manual_seed(seed)
+    model = tanh_mlp(d_in=2, width=width, k=k).to(F64)
+    x = torch.rand(n, 2, dtype=F64) * 4 - 2
+    y = torch.sin(2 * x[:, 0]) + 0.5 * x[:, 1] + 0.1 * torch.randn(n, dtype=F64)
+    xs = torch.rand(7, 2, dtype=F64) * 4 - 2
+    return model, x, y, xs
+
+
+def input_kernel(kind, a, b, ls):
+    """RBF / Matérn on explicit pairwise differences (no expansion of ‖a − b‖²)."""
+    r = (((a[:, None, :] - b[None, :, :]) / torch.as_tensor(ls, dtype=F64)) ** 2).sum(-1).sqrt()
+    if kind == "rbf":
+        return torch.exp(-0.5 * r**2)
+    if kind == "matern52":
+        return (1 + math.sqrt(5) * r + 5 * r**2 / 3) * torch.exp(-math.sqrt(5) * r)
+    return (1 + math.sqrt(3) * r) * torch.exp(-math.sqrt(3) * r)
+
+
+def reference_parts(reg, model, x, xs, output=0, var_out=1):
+    """The fitted model's kernel and noise in the data's units, rebuilt from reg.hyperparameters_."""
+    hp, m = reg.hyperparameters_, GPModel.parse(reg.model_)
+    with torch.no_grad():
+        out, outs = model(x), model(xs)
+    names = [n for n, _ in model.named_parameters()]
+
+    def ntk(a, b):
+        if m.layer_scales:
+            groups = [names[i:i + 2] for i in range(0, len(names), 2)]  # (weight, bias) per Linear
+            return sum(s * dense_jacobian(model, a, g)[:, output] @ dense_jacobian(model, b, g)[:, output].T
+                       for s, g in zip(hp["layer_scales"], groups))
+        return hp["scale"] * dense_jacobian(model, a)[:, output] @ dense_jacobian(model, b)[:, output].T
+
+    def kern(a, b, oa, ob):
+        K = ntk(a, b)
+        if m.input_kernel:
+            Kin = hp["input_scale"] * input_kernel(m.input_kernel, a, b, hp["lengthscales"])
+            if m.source_amplitude:
+                ra, rb = F.softplus(oa[:, var_out]).sqrt(), F.softplus(ob[:, var_out]).sqrt()
+                Kin = Kin * ra[:, None] * rb[None]
+            K = K + Kin
+        return K
+
+    def noise(o):
+        d = torch.full((o.shape[0],), hp["noise"], dtype=F64)
+        return d + hp["noise_multiplier"] * F.softplus(o[:, var_out]) if m.source_noise else d
+
+    def offset(o):
+        return o[:, output] if m.mean in ("network", "scaled") else torch.zeros(o.shape[0], dtype=F64)
+
+    return kern, noise, offset, out, outs, m
+
+
+def reference_posterior(reg, model, x, y, xs):
+    """(mean, latent cov, predictive variance, lml, GLS (a, b)) of the reference GP."""
+    kern, noise, offset, out, outs, m = reference_parts(reg, model, x, xs)
+    M = kern(x, x, out, out) + torch.diag(noise(out))
+    f, fs = out[:, 0], outs[:, 0]
+    # GLS in the data's units: y − o = H β + g + ε with H = [1] or [1, f]
+    def design(g):
+        return g.new_ones(g.shape[0], 1) if m.mean != "scaled" else torch.stack([torch.ones_like(g), g], 1)
+
+    H, Hs = design(f), design(fs)
+    r0 = y - offset(out)
+    Minv = torch.linalg.inv(M)
+    beta = torch.linalg.solve(H.T @ Minv @ H, H.T @ Minv @ r0)
+    r = r0 - H @ beta
+    alpha = Minv @ r
+    Kx = kern(x, xs, out, outs)
+    mean = offset(outs) + Hs @ beta + Kx.T @ alpha
+    cov = kern(xs, xs, outs, outs) - Kx.T @ Minv @ Kx
+    lml = -0.5 * (r @ alpha + torch.logdet(M) + x.shape[0] * LOG2PI)
+    a = 1 + float(beta[1]) if m.mean == "scaled" else float(m.mean == "network")
+    return mean, cov, cov.diagonal() + noise(outs), float(lml), (a, float(beta[0])), M, H, r0
+
+
+MODELS = ["scaled", "scaled+rbf", "constant+matern52", "network+matern32", "scaled+rbf+layers",
+          "network+hetero", "scaled+rbf@src+hetero"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_composite_model_matches_dense_reference(name):
+    """Posterior, log marginal likelihood and GLS coefficients of every kind of model against the
+    reference GP at the learned hyperparameters; the learned point is a maximum of the evidence."""
+    model, x, y, xs = problem()
+    reg = NTKRegressor(model, gp_model=name, variance_output=1).fit(x, y)
+    assert reg.model_ == name
+    post = reg.predict(xs)
+    mean, cov, pvar, lml, (a, b), *_ = reference_posterior(reg, model, x, y, xs)
+    assert rel_err(post.mean, mean) <= 1e-8
+    assert rel_err(post.covariance_matrix, cov) <= 1e-7
+    assert rel_err(post.variance, cov.diagonal()) <= 1e-7
+    assert rel_err(post.predictive_variance, pvar) <= 1e-8
+    assert reg.log_marginal_likelihood() == pytest.approx(lml, rel=1e-9, abs=1e-9)
+    assert (reg.slope_, reg.constant_) == pytest.approx((a, b), rel=1e-8, abs=1e-10)
+    hp = reg.hyperparameters_
+    assert hp["slope"] == pytest.approx(a, rel=1e-8, abs=1e-10)
+    # no hyperprior for a single model: the learned noise maximises the exact (profiled) evidence
+    kern, noise, offset, out, _, m = reference_parts(reg, model, x, xs)
+    f = out[:, 0]
+    H = torch.ones_like(f)[:, None] if m.mean != "scaled" else torch.stack([torch.ones_like(f), f], 1)
+    r0 = y - offset(out)
+    for step in (0.02, -0.02):
+        M = kern(x, x, out, out) + torch.diag(noise(out) + step * hp["noise"])
+        Minv = torch.linalg.inv(M)
+        r = r0 - H @ torch.linalg.solve(H.T @ Minv @ H, H.T @ Minv @ r0)
+        other = -0.5 * (r @ Minv @ r + torch.logdet(M) + x.shape[0] * LOG2PI)
+        assert float(other) < lml + 1e-7 * abs(lml)  # (flat when c·σ²_src carries the noise)
+
+
+def test_per_layer_kernels_sum_to_the_ntk():
+    model, x, y, xs = problem(n=20)
+    from fntk.gp.network import layer_kernels, layer_linearizations
+
+    lin = fntk.Linearized(model)
+    lin.check_input(x)
+    Ks = layer_kernels(layer_linearizations(lin), x, xs, 0, "auto")
+    J, Js = dense_jacobian(model, x)[:, 0], dense_jacobian(model, xs)[:, 0]
+    assert Ks.shape == (3, 20, 7)
+    assert rel_err(Ks.sum(0), J @ Js.T) <= 1e-12
+    J0 = dense_jacobian(model, x, ["0.weight", "0.bias"])[:, 0]
+    assert rel_err(Ks[0], J0 @ dense_jacobian(model, xs, ["0.weight", "0.bias"])[:, 0].T) <= 1e-12
+
+
+def loo_by_refits(M, H, r0):
+    """Σ_i log N(r0_i | h_iᵀβ̂_−i + m_iᵀM_−i⁻¹(r0_−i − H_−iβ̂_−i), M_ii − m_iᵀM_−i⁻¹m_i), each term
+    an explicit GLS + GP refit on the other n − 1 points (data units)."""
+    n, total = M.shape[0], 0.0
+    for i in range(n):
+        keep = torch.arange(n) != i
+        Mo, Ho, ro = M[keep][:, keep], H[keep], r0[keep]
+        Mi = torch.linalg.inv(Mo)
+        beta = torch.linalg.solve(Ho.T @ Mi @ Ho, Ho.T @ Mi @ ro)
+        m = M[keep, i]
+        mu = H[i] @ beta + m @ Mi @ (ro - Ho @ beta)
+        var = M[i, i] - m @ Mi @ m
+        total += float(-0.5 * (LOG2PI + var.log() + (r0[i] - mu) ** 2 / var))
+    return total
+
+
+@pytest.mark.parametrize("name", ["network", "constant", "scaled", "scaled+rbf", "scaled+rbf@src+hetero"])
+def test_closed_form_loo_equals_explicit_refits(name):
+    model, x, y, xs = problem(n=25)
+    reg = NTKRegressor(model, gp_model=name, variance_output=1, hyperprior=True).fit(x, y)
+    *_, M, H, r0 = reference_posterior(reg, model, x, y, xs)
+    assert reg.model_scores_[name]["loo"] == pytest.approx(loo_by_refits(M, H, r0), rel=1e-9, abs=1e-9)
+
+
+def test_choice_takes_the_best_score_of_its_criterion():
+    model, x, y, xs = problem(n=30)
+    for criterion in ("loo", "evidence", "marglik"):
+        reg = NTKRegressor(model, criterion=criterion, variance_output=1).fit(x, y)
+        scores = reg.model_scores_
+        assert set(scores) == {m.name for m in default_candidates(True)}
+        assert reg.model_ == max(scores, key=lambda k: scores[k][criterion])
+        # the chosen model is the one the explicit option fits (same hyperpriors)
+        one = NTKRegressor(model, gp_model=reg.model_, variance_output=1, hyperprior=True).fit(x, y)
+        assert rel_err(one.predict(xs).mean, reg.predict(xs).mean) <= 1e-12
+        assert one.model_scores_[reg.model_] == pytest.approx(scores[reg.model_], rel=1e-9)
+    pair = NTKRegressor(model, gp_model=["constant", "scaled+rbf"]).fit(x, y)
+    assert set(pair.model_scores_) == {"constant", "scaled+rbf"}
+
+
+def test_plain_model_where_the_choice_does_not_apply():
+    model, x, y, xs = problem(n=30)
+    plain = NTKRegressor(model, mean="network").fit(x, y)
+    for kw in ({"output": None}, {"space": "weight"}, {"optimize": ("scale", "noise")}, {"scale": 0.3}):
+        yy = y[:, None].expand(-1, 2) if kw.get("output", 0) is None else y
+        reg = NTKRegressor(model, **kw).fit(x, yy)
+        assert reg.model_ == "network" and reg.model_scores_ == {}
+    assert NTKRegressor(model).fit(x[:4], y[:4]).model_ == "network"  # too few points to choose
+    auto = NTKRegressor(model).fit(x, y)
+    assert auto.model_ in auto.model_scores_ and plain.model_scores_ == {}
+
+
+def test_scaled_mean_agrees_across_spaces():
+    model, x, y, xs = problem(n=40, width=3, k=1)  # p = 25 < n
+    f = NTKRegressor(model, mean="scaled", space="function").fit(x, y)
+    w = NTKRegressor(model, mean="scaled", space="weight").fit(x, y)
+    assert w.space_ == "weight"
+    for attr in ("scale_", "noise_", "constant_", "slope_"):
+        assert getattr(f, attr) == pytest.approx(getattr(w, attr), rel=1e-6)
+    assert f.log_marginal_likelihood() == pytest.approx(w.log_marginal_likelihood(), rel=1e-8)
+    assert rel_err(f.predict(xs).mean, w.predict(xs).mean) <= 1e-6
+    mean, cov, _, lml, (a, b), *_ = reference_posterior(w, model, x, y, xs)
+    assert rel_err(w.predict(xs).mean, mean) <= 1e-8 and w.slope_ == pytest.approx(a, rel=1e-8)
+
+
+def test_source_variance_predictive_and_sampling():
+    model, x, y, xs = problem(n=20)
+    reg = NTKRegressor(model, gp_model="network+hetero", variance_output=1, variance_link="softplus")
+    reg.fit(x, y)
+    post = reg.predict(xs)
+    hp = reg.hyperparameters_
+    with torch.no_grad():
+        v = F.softplus(model(xs)[:, 1])
+    assert rel_err(post.noise, hp["noise"] + hp["noise_multiplier"] * v) <= 1e-12
+    draws = post.sample(20000, predictive=True, generator=torch.Generator().manual_seed(0))
+    assert rel_err(draws.var(0), post.predictive_variance) < 0.05
+
+
+def test_laplace_evidence_hessian_and_integral():
+    from fntk.gp import priors
+
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=F64)
+    u0 = torch.tensor([0.3, -0.2], dtype=F64)
+    H = priors.hessian(lambda u: -0.5 * (u - u0) @ A @ (u - u0), u0)
+    assert rel_err(H, -A) <= 1e-8
+    # a Gaussian integrand: Laplace is exact. ∫ exp(c − ½ uᵀAu) du = exp(c)·2π/√det A, β-block Q
+    Q = torch.tensor([[2.0]], dtype=F64)
+    beta = torch.tensor([0.4], dtype=F64)
+    ev = priors.laplace_evidence(1.5, lambda u: 1.5 - 0.5 * (u - u0) @ A @ (u - u0), u0, beta, Q)
+    ref = 1.5 + math.log(2 * math.pi) - 0.5 * math.log(5.0)  # u part
+    ref += -0.5 * 0.4**2 - 0.5 * LOG2PI + 0.5 * LOG2PI - 0.5 * math.log(2.0)  # β: prior N(0, 1), Q
+    assert ev == pytest.approx(ref, rel=1e-8)
+
+
+def test_round_trip_of_composite_models(tmp_path):
+    model, x, y, xs = problem(n=20)
+    for name in ("scaled+rbf+layers", "scaled+rbf@src+hetero"):
+        reg = NTKRegressor(model, gp_model=name, variance_output=1).fit(x, y)
+        path = tmp_path / f"{name}.fntk"
+        reg.save(path)
+        back = fntk.load(path, model)
+        a, b = reg.predict(xs), back.predict(xs)
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.variance, b.variance)
+        assert torch.equal(a.predictive_variance, b.predictive_variance)
+        assert back.model_ == name and back.hyperparameters_ == reg.hyperparameters_
+
+
+def test_bad_model_options_are_refused():
+    model, x, y, xs = problem(n=20)
+    cases = [
+        (dict(gp_model="scaled+rbff"), ValueError, r"unknown or repeated part 'rbff'.*'rbf', 'matern52'"),
+        (dict(gp_model="linear"), ValueError, r"unknown mean 'linear'.*\('network', 'constant', 'scaled'\)"),
+        (dict(mean="zero"), ValueError, r"mean must be one of \('network', 'constant', 'scaled'\)"),
+        (dict(mean="network", gp_model="scaled"), ValueError, "either mean="),
+        (dict(criterion="aic"), ValueError, r"criterion must be one of \('loo', 'evidence', 'marglik'\)"),
+        (dict(variance_link="relu"), ValueError,
+         r"variance_link must be one of \('softplus', 'exp', 'identity'\)"),
+        (dict(gp_model=["scaled", "scaled"]), ValueError, "repeat"),
+        (dict(gp_model=3), TypeError, "gp_model must be"),
+        (dict(variance_output="1"), TypeError, "variance_output must be an int"),
+        (dict(hyperprior="yes"), TypeError, "hyperprior"),
+    ]
+    for kw, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            NTKRegressor(model, **kw)
+    with pytest.raises(ValueError, match=r"variance_output=2: the network has no output 2 \(it has k=2"):
+        NTKRegressor(model, gp_model="network+hetero", variance_output=2).fit(x, y)
+    one = tanh_mlp(d_in=2, width=4, k=1).to(F64)
+    with pytest.raises(ValueError, match=r"variance_output=1: the network has no output 1 \(it has k=1"):
+        NTKRegressor(one, variance_output=1).fit(x, y)
+    with pytest.raises(ValueError, match="needs the source network's variance output: pass variance_output"):
+        NTKRegressor(model, gp_model="network+hetero").fit(x, y)
+    with pytest.raises(ValueError, match="model 'scaled\\+rbf' needs one output"):
+        NTKRegressor(model, gp_model="scaled+rbf", output=None).fit(x, torch.stack([y, y], 1))
+    with pytest.raises(ValueError, match="needs every hyperparameter learned"):
+        NTKRegressor(model, gp_model="scaled+rbf", optimize=False).fit(x, y)
+    with pytest.raises(ValueError, match="needs the direct solver"):
+        NTKRegressor(model, mean="scaled", solver="iterative").fit(x, y)
+    # a time limit above the plain fit's estimate but below the composite search's
+    plain = NTKRegressor(model, mean="network").fit(x, y).estimated_seconds_["function"]
+    limit = 2 * plain
+    assert fntk.gp.plan.choice_seconds([GPModel.parse("scaled+rbf")], 20) > limit
+    with pytest.raises(fntk.TimeLimitError, match="1 composite model"):
+        NTKRegressor(model, gp_model="scaled+rbf", time_limit=limit).fit(x, y)
+
+
+def test_interrupted_choice_leaves_the_regressor_unchanged():
+    model, x, y, xs = problem(n=20)
+    reg = NTKRegressor(model).fit(x, y)
+    before = reg.predict(xs).mean.clone()
+    state = dict(vars(reg))
+
+    def stop(info):
+        if info["step"] == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reg.fit(x, -y, callback=stop)
+    assert vars(reg).keys() == state.keys() and all(vars(reg)[k] is state[k] for k in state)
+    assert torch.equal(reg.predict(xs).mean, before)
