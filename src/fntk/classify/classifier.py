@@ -22,7 +22,9 @@ up to the stated approximation of each method:
   space (:mod:`fntk.classify.vi`); predictive by Monte Carlo over the Gaussian logits.
 
 ``prior_precision="marglik"`` chooses λ by the Laplace evidence (MacKay's fixed point, each step
-a warm-started MAP refit); a float fixes it.
+a warm-started MAP refit); ``"cv"`` by K-fold cross-validation of the held-out NLL of the chosen
+inference's own predictive over a λ grid, then one refit on all labels (:mod:`fntk.classify.cv`);
+a float fixes it.
 
 Where the computation happens (``space="auto"``): in *function space* when n·k ≤ p (the
 representer theorem w* − μ₀ = J(X)ᵀ a/λ: Newton on the (n·k × n·k) empirical NTK, no (p × p)
@@ -35,17 +37,19 @@ snapshotted when the classifier is constructed.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fntk import persist, validation
 from fntk.classify import cost
+from fntk.classify import cv as _cv
 from fntk.classify import meanfield as _mf
 from fntk.classify import vi as _vi
 from fntk.classify.evidence import MarglikInfo, optimize_prior_precision
@@ -71,7 +75,8 @@ DENSE_MAX_PARAMS = cost.DENSE_MAX_PARAMS
 #: default ``time_limit``: fits the cost model estimates above one hour are refused
 DEFAULT_TIME_LIMIT = 3600.0
 #: attributes of objects saved before they existed (set on load)
-_DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False}
+_DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False, "cv_folds": _cv.DEFAULT_FOLDS,
+             "cv_grid": _cv.DEFAULT_GRID}
 
 
 @persist.register("LinearizedClassifier")
@@ -84,7 +89,9 @@ class LinearizedClassifier:
         params: which parameters adapt (``None``: all trainable; names; or a predicate
             ``(name, param) -> bool``, e.g. the last layer only); the others stay at θ̂.
         inference: ``"map"`` | ``"laplace"`` | ``"vi"``.
-        prior_precision: ``"marglik"`` (λ by the Laplace evidence) or a positive float λ.
+        prior_precision: ``"marglik"`` (λ by the Laplace evidence), ``"cv"`` (λ by ``cv_folds``-fold
+            cross-validation of the held-out NLL over ``cv_grid``, then a refit on all labels; every
+            class needs at least ``cv_folds`` labels) or a positive float λ.
         prior_mean: ``"theta"`` (μ₀ = θ̂) or ``"zero"`` (μ₀ = 0, as the paper's code).
         link_approx: ``"probit"`` | ``"mc"`` | ``"auto"`` (probit for Laplace, MC for VI).
         space: ``"auto"`` | ``"function"`` | ``"weight"`` (see the module doc).
@@ -120,7 +127,8 @@ class LinearizedClassifier:
     from several threads are serialised by a per-object lock. A float16/bfloat16 model is
     linearized through a float32 copy of its weights (results in float32).
 
-    Attributes (after ``fit``): ``space_``, ``prior_precision_`` (λ), ``converged_``, ``n_iter_``,
+    Attributes (after ``fit``): ``space_``, ``prior_precision_`` (λ), ``cv_history_`` ([(λ, mean
+    held-out NLL)] with ``prior_precision="cv"``), ``converged_``, ``n_iter_``,
     ``grad_norm_`` (‖∇_w Ψ‖ at the MAP), ``num_classes_``, ``marglik_history_`` [(λ, log Z, d log Z/d log λ)],
     ``elbo_history_`` and ``elbo_`` (VI), ``fit_seconds_``.
     """
@@ -152,13 +160,15 @@ class LinearizedClassifier:
         time_limit: float | None = DEFAULT_TIME_LIMIT,
         progress: bool = False,
         output_fn: OutputFn | None = None,
+        cv_folds: int = _cv.DEFAULT_FOLDS,
+        cv_grid: Sequence[float] | None = None,
     ):
         self.inference = choice("inference", inference, INFERENCES)
         bad_prior = ValueError(
-            f"prior_precision must be 'marglik' or a positive float, got {prior_precision!r}"
+            f"prior_precision must be 'marglik', 'cv' or a positive float, got {prior_precision!r}"
         )
         if isinstance(prior_precision, str):
-            if prior_precision != "marglik":
+            if prior_precision not in ("marglik", "cv"):
                 raise bad_prior
         elif (
             isinstance(prior_precision, bool)
@@ -167,6 +177,8 @@ class LinearizedClassifier:
         ):
             raise bad_prior
         self.prior_precision = prior_precision
+        self.cv_folds = positive_int("cv_folds", cv_folds, 2)
+        self.cv_grid = _cv.check_grid(cv_grid)
         self.prior_mean = choice("prior_mean", prior_mean, PRIOR_MEANS)
         self.link_approx = choice("link_approx", link_approx, LINK_APPROXES)
         self.space = choice("space", space, SPACES)
@@ -275,6 +287,9 @@ class LinearizedClassifier:
         try:
             if self.prior_precision == "marglik":
                 lam, info, ml = optimize_prior_precision(backend, self.tol, self.max_iter)
+            elif self.prior_precision == "cv":
+                lam, ml = self._cross_validate(x, y, space, callback), MarglikInfo()
+                info = backend.fit(lam, self.tol, self.max_iter)
             else:
                 lam, ml = float(self.prior_precision), MarglikInfo()
                 info = backend.fit(lam, self.tol, self.max_iter)
@@ -286,6 +301,27 @@ class LinearizedClassifier:
             self._fit_vi(backend, x, callback)
         self._backend = backend
         self.fit_seconds_ = time.perf_counter() - t0
+
+    def _cross_validate(self, x: Tensor, y: Tensor, space: str, callback: Callable[[dict], None] | None
+                        ) -> float:
+        """λ̂ by K-fold cross-validation (:mod:`fntk.classify.cv`): fits of copies of this classifier
+        (same options, a fixed λ) on the training folds; sets ``cv_history_``."""
+        grid, folds = self.cv_grid, self.cv_folds
+        cost.check_time(self.estimated_seconds_ * (folds * len(grid) + 1), self.time_limit, x.shape[0],
+                        self.lin.num_params, f"{space} space, {folds}-fold CV over {len(grid)} λ")
+
+        def fit_predict(tr: Tensor, va: Tensor, lam: float) -> Tensor:
+            fold = copy.copy(self)  # this classifier's options, its own state and lock
+            fold.prior_precision, fold.progress, fold._backend = lam, False, None
+            fold._lock = threading.RLock()
+            with warnings.catch_warnings():  # a fold fit short of tol still scores its fold
+                warnings.filterwarnings("ignore", "MAP solve stopped", RuntimeWarning)
+                fold._fit(x[tr], y[tr], callback)
+            return fold.predict_proba(x[va])
+
+        lam, self.cv_history_ = _cv.cross_validate(fit_predict, self.lin, x, y, grid, folds, self.seed,
+                                                   pool=space == "function")
+        return lam
 
     def _set_map_info(self, lam: float, info: FitInfo, ml: MarglikInfo) -> None:
         self.prior_precision_ = lam
