@@ -55,6 +55,7 @@ from fntk.classify import vi as _vi
 from fntk.classify.evidence import MarglikInfo, optimize_prior_precision
 from fntk.classify.function_space import FunctionSpace
 from fntk.classify.labels import check_labels
+from fntk.classify.last_layer import LastLayer
 from fntk.classify.objective import F64, FitInfo, prior_mean_function
 from fntk.classify.predictive import glm_predictive
 from fntk.classify.weight_space import WeightSpace
@@ -72,6 +73,7 @@ SOLVERS = ("newton", "lbfgs")
 COVARIANCES = ("auto", "dense", "lowrank")
 VI_FAMILIES = ("subspace", "meanfield")
 DENSE_MAX_PARAMS = cost.DENSE_MAX_PARAMS
+Backend = FunctionSpace | WeightSpace | LastLayer
 #: default ``time_limit``: fits the cost model estimates above one hour are refused
 DEFAULT_TIME_LIMIT = 3600.0
 #: attributes of objects saved before they existed (set on load)
@@ -94,7 +96,10 @@ class LinearizedClassifier:
             class needs at least ``cv_folds`` labels) or a positive float λ.
         prior_mean: ``"theta"`` (μ₀ = θ̂) or ``"zero"`` (μ₀ = 0, as the paper's code).
         link_approx: ``"probit"`` | ``"mc"`` | ``"auto"`` (probit for Laplace, MC for VI).
-        space: ``"auto"`` | ``"function"`` | ``"weight"`` (see the module doc).
+        space: ``"auto"`` | ``"function"`` | ``"weight"`` (see the module doc). Under ``"auto"`` a
+            selection that is a final ``nn.Linear`` on fixed features (e.g. ``params`` = the last
+            layer) takes the exact Kronecker backend (:mod:`fntk.classify.last_layer`;
+            ``space_ == "last-layer"``) with Newton, unless ``covariance="lowrank"``.
         covariance: weight space only: ``"dense"`` (p × p), ``"lowrank"`` (Lanczos, rank ``rank``,
             matrix-free), or ``"auto"`` (dense for p ≤ 6000 when J fits the memory budget).
         rank: Lanczos rank of the low-rank Laplace covariance.
@@ -208,7 +213,7 @@ class LinearizedClassifier:
         lin = as_linearized(model, params, memory_budget, output_fn)
         self._model_dtype = lin.dtype
         self.lin = persist.working_linearization(lin)  # float32 copy of a float16/bfloat16 model
-        self._backend: FunctionSpace | WeightSpace | None = None
+        self._backend: Backend | None = None
         self._lock = threading.RLock()
 
     def __fntk_state__(self) -> dict:
@@ -222,7 +227,7 @@ class LinearizedClassifier:
             self.__dict__.setdefault(k, v)
 
     # ------------------------------------------------------------------ checks
-    def _require_fit(self) -> FunctionSpace | WeightSpace:
+    def _require_fit(self) -> Backend:
         if self._backend is None:
             raise NotFittedError(
                 "this LinearizedClassifier is not fitted yet: call fit(x, y) before predict_proba/predict"
@@ -257,18 +262,25 @@ class LinearizedClassifier:
         n, k = x.shape[0], self.lin.num_outputs
         y = check_labels(y, n, k).to(self.lin.device)
         space, dense = cost.choose(self.lin, n, k, self.space, self.solver, self.covariance)
-        seconds = cost.estimate_seconds(
-            self.lin, x, space, dense, self.solver, self.prior_precision == "marglik", self.rank
-        )
-        cost.check_time(seconds, self.time_limit, n, self.lin.num_params, f"{space} space")
         self.likelihood_: Likelihood = Categorical() if k >= 2 else Bernoulli()
+        marglik = self.prior_precision == "marglik"
+        plan = cost.last_layer_plan(
+            self.lin, x, self.likelihood_, self.space, self.solver, self.covariance, marglik
+        )
+        if plan is not None:  # a final linear layer on fixed features: the exact Kronecker backend
+            space, seconds = "last-layer", plan.seconds
+        else:
+            seconds = cost.estimate_seconds(self.lin, x, space, dense, self.solver, marglik, self.rank)
+        cost.check_time(seconds, self.time_limit, n, self.lin.num_params, f"{space} space")
         self._y = y if k >= 2 else y.to(F64)[:, None]
         self.num_classes_ = max(k, 2)
         mu0 = None
         if self.prior_mean == "zero":
             mu0 = torch.zeros(self.lin.num_params, dtype=F64, device=self.lin.device)
-        if space == "function":
-            backend: FunctionSpace | WeightSpace = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
+        if plan is not None:
+            backend: Backend = LastLayer(self.lin, x, self._y, self.likelihood_, mu0, plan.info, plan.factor)
+        elif space == "function":
+            backend = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
         else:
             backend = WeightSpace(
                 self.lin,
@@ -282,7 +294,7 @@ class LinearizedClassifier:
                 batch_size=self.batch_size,
             )
         backend.callback = callback
-        self.space_ = space if space == "function" else ("weight-dense" if dense else "weight-lowrank")
+        self.space_ = space if space != "weight" else ("weight-dense" if dense else "weight-lowrank")
         self.estimated_seconds_ = seconds
         try:
             if self.prior_precision == "marglik":
@@ -342,7 +354,7 @@ class LinearizedClassifier:
             )
 
     def _fit_vi(
-        self, b: FunctionSpace | WeightSpace, x: Tensor, callback: Callable[[dict], None] | None
+        self, b: Backend, x: Tensor, callback: Callable[[dict], None] | None
     ) -> None:
         lam = self.prior_precision_
         opts = {"num_samples": self.vi_samples, "max_iter": self.vi_max_iter, "seed": self.seed}
@@ -406,7 +418,7 @@ class LinearizedClassifier:
         dt = self.lin.dtype
         return mean.to(dt), (None if cov is None else cov.to(dt))
 
-    def _predict_block(self, b: FunctionSpace | WeightSpace, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _predict_block(self, b: Backend, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.inference == "vi" and self.vi_family == "meanfield":
             return _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale)
         if self.inference == "vi":

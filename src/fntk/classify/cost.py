@@ -14,17 +14,25 @@ point) and factorises JᵀHJ + λI (2nkp² + p³/3 flops) per Newton step; the m
 cost a J·v plus a Jᵀ·u product (≈ 10·F·n flops at R_AD) per CG/L-BFGS/Lanczos step. With
 ``prior_precision="marglik"`` the MAP is refitted MARGLIK_REFITS times. These are typical counts,
 so the estimate is a guard against hopeless fits (days), not a prediction to the second.
+
+The last-layer backend (:func:`last_layer_plan`, :mod:`fntk.classify.last_layer`) takes over
+from both spaces under ``space="auto"`` when the selection is a final linear layer on fixed
+features: two forwards (training and test points) and one factorisation of
+:mod:`fntk.classify.kron` per λ plus one per cold Newton solve, the cheaper of its two forms.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor
 
+from fntk.classify import kron
 from fntk.errors import NTKMemoryError, TimeLimitError
+from fntk.likelihoods import Categorical, Likelihood
 from fntk.linearize import Linearized
-from fntk.linearize.taps import analyze
+from fntk.linearize.taps import FinalLinear, analyze, final_linear
 from fntk.ntk.costs import R_AD, R_GEMM, cheapest, cholesky_seconds
 from fntk.ntk.methods import choose_method
 from fntk.validation import over_memory, over_time
@@ -88,6 +96,41 @@ def estimate_seconds(
     return solves * (steps + 2 * rank + 20) * product
 
 
+@dataclass
+class LastLayerPlan:
+    """The last-layer backend's structure, factorisation form ("dense" | "softmax") and estimate."""
+
+    info: FinalLinear
+    factor: str
+    seconds: float
+
+
+def last_layer_plan(
+    lin: Linearized, x: Tensor, lik: Likelihood, space: str, solver: str, covariance: str, marglik: bool
+) -> LastLayerPlan | None:
+    """The plan of the exact last-layer backend, or None where it does not apply: an explicit
+    ``space``, ``solver="lbfgs"``, ``covariance="lowrank"``, a selection that is not a verified final
+    linear layer (:func:`fntk.linearize.taps.final_linear`), or factors beyond the memory budget."""
+    if space != "auto" or solver != "newton" or covariance == "lowrank":
+        return None
+    info = final_linear(lin, x)
+    if info is None:
+        return None
+    n, k, d = x.shape[0], info.k, info.d_in + (1 if info.bias else 0)
+    forms = ("dense", "softmax") if isinstance(lik, Categorical) else ("dense",)
+    options = {}
+    for form in forms:
+        fact, _ = kron.flops(n, k, d, form == "softmax")
+        fits = kron.memory_numbers(n, k, d, form == "softmax") * F64_BYTES <= lin.memory_budget
+        options[form] = (2 + (MARGLIK_REFITS if marglik else 0)) * fact / R_GEMM if fits else math.inf
+    try:
+        form = cheapest(options, "the last-layer factorisation")
+    except NTKMemoryError:
+        return None
+    forward = 2 * analyze(lin, x).flops * n / R_AD
+    return LastLayerPlan(info, form, forward + options[form])
+
+
 def check_time(seconds: float, limit: float | None, n: int, p: int, space: str) -> None:
     """TimeLimitError when the estimate exceeds ``limit`` (None: no limit)."""
     msg = over_time(
@@ -109,4 +152,5 @@ def predict_rows(lin: Linearized, backend: object, inference: str, vi_family: st
     return chunk
 
 
-__all__ = ["choose", "estimate_seconds", "check_time", "predict_rows", "DENSE_MAX_PARAMS"]
+__all__ = ["choose", "estimate_seconds", "check_time", "predict_rows", "last_layer_plan", "LastLayerPlan",
+           "DENSE_MAX_PARAMS"]

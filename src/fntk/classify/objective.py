@@ -1,5 +1,5 @@
 """The objective shared by the MAP/Laplace backends: likelihood terms, the prior mean function, the
-Armijo line search, fit records."""
+Armijo line search, the preconditioned CG of the Newton steps, fit records."""
 
 from __future__ import annotations
 
@@ -65,6 +65,43 @@ class FitInfo:
     grad_norm: float = float("inf")
     objective: float = float("nan")
     history: list = field(default_factory=list)
+
+
+def pcg(
+    matmul: Callable[[Tensor], Tensor],
+    b: Tensor,
+    precondition: Callable[[Tensor], Tensor],
+    tol: float,
+    max_iter: int,
+) -> tuple[Tensor, float, int]:
+    """Preconditioned conjugate gradients for the SPD system M x = b (b, x: (N,)), from x = 0, until
+    the recursive residual is ≤ tol·‖b‖ (no minimum number of iterations: with a preconditioner
+    from a nearby Newton system one or two iterations often suffice). Returns (x, the true relative
+    residual ‖b − M x‖/‖b‖ (one extra product), iterations), so that a caller can fall back to a
+    direct solve or refresh its preconditioner."""
+    bn = float(b.norm())
+    x = torch.zeros_like(b)
+    if bn == 0.0:
+        return x, 0.0, 0
+    r = b.clone()
+    z = precondition(r)
+    d, rz = z, float(r @ z)
+    it = 0
+    while it < max_iter:
+        it += 1
+        Md = matmul(d)
+        dMd = float(d @ Md)
+        if not dMd > 0:  # rounding at convergence, or a non-SPD operator: stop here
+            break
+        a = rz / dMd
+        x = x + a * d
+        r = r - a * Md
+        if float(r.norm()) <= tol * bn:
+            break
+        z = precondition(r)
+        rz, rz_old = float(r @ z), rz
+        d = z + (rz / rz_old) * d
+    return x, float((b - matmul(x)).norm()) / bn, it
 
 
 def lower_solve(R: Tensor, B: Tensor) -> Tensor:

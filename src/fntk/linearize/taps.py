@@ -1,6 +1,7 @@
 """Layer taps: which parameters a known layer type covers, and per-point activations a and
 output-gradients G of those layers (the structured NTK, :mod:`fntk.ntk.structured`, and the exact
-GGN diagonal, :mod:`fntk.operators.ggn_diagonal`, are built from them).
+GGN diagonal, :mod:`fntk.operators.ggn_diagonal`, are built from them), and the final-layer
+tap of the last-layer backends (:func:`final_linear`, :func:`final_inputs`).
 
 :func:`analyze` maps every selected parameter to a :class:`Layer` (``nn.Linear``, ``nn.Conv1d``,
 ``nn.Conv2d``, ``nn.Embedding``, BatchNorm/LayerNorm/GroupNorm affines) or to the fallback (other
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fntk.linearize.linearized import Linearized
+from fntk.linearize.probes import close, tolerance
 
 _KINDS: dict[type, str] = {
     nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Embedding: "embedding",
@@ -66,6 +68,7 @@ class Analysis:
 
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_final: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def analyze(lin: Linearized, x: Tensor) -> Analysis:
@@ -307,3 +310,85 @@ def _patches(m: nn.Module, a: Tensor) -> Tensor:
     b, C = a.shape[:2]
     perm = (0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
     return a.permute(perm).reshape(b, math.prod(a.shape[2 : 2 + nd]), -1)
+
+
+# ---------------------------------------------------------------------------------- final layer
+@dataclass(frozen=True)
+class FinalLinear:
+    """The selected parameters are exactly those of one exact-type ``nn.Linear`` whose output is
+    the model's output: f(x; W, b) = W φ(x) + b with φ (d_in features) fixed, so that
+    J(x) = I_k ⊗ φ̃(x)ᵀ, φ̃ = [φ, 1] (the 1 when the bias is selected), in the parameter order
+    [W (k × d_in, row-major), b (k)]. ``module``: its name in ``lin.module``."""
+
+    module: str
+    weight: str
+    bias: str | None
+    d_in: int
+    k: int
+
+
+def final_linear(lin: Linearized, x: Tensor) -> FinalLinear | None:
+    """The :class:`FinalLinear` structure of ``lin``'s selection, or None (cached per ``lin``).
+
+    Found by :func:`analyze` (one layer rule covers every selected parameter: an exact-type
+    ``nn.Linear`` called once on point-major (n, d_in) inputs) and verified on the probe batch of
+    the first call: the layer's output equals f(x) exactly, and J(x)ᵀU from the layer rule
+    (U φᵀ, ΣU) agrees with the validated vjp for random U (the probes' tolerance), which also
+    catches a weight used elsewhere in the forward (φ would depend on it)."""
+    if lin in _final:
+        return _final[lin]
+    out = _find_final(lin, x)
+    _final[lin] = out
+    return out
+
+
+def _find_final(lin: Linearized, x: Tensor) -> FinalLinear | None:
+    an = analyze(lin, x)
+    if an.fallback or len(an.layers) != 1:
+        return None
+    L = an.layers[0]
+    if L.kind != "linear" or L.S != 1 or L.weight is None:
+        return None
+    if lin.names != [n for n in (L.weight, L.bias) if n]:
+        return None
+    name = next(n for n, m in lin.module.named_modules() if m is L.module)
+    info = FinalLinear(name, L.weight, L.bias, L.d_in, L.d_out)
+    xb = lin._probe_x
+    try:
+        phi, out = final_inputs(lin, info, xb)
+    except (RuntimeError, ValueError):
+        return None
+    with lin._session(grad=False):
+        f = lin.function(xb)(lin.theta_dict())
+    if out.shape != f.shape or not torch.equal(out, f) or phi.shape != (xb.shape[0], L.d_in):
+        return None
+    U = torch.randn(xb.shape[0], f.shape[1], 2, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64).to(f)
+    rule = [torch.einsum("nkr,nd->rkd", U, phi).reshape(2, -1)]
+    if info.bias:
+        rule.append(U.sum(0).T)
+    ok, _ = close(torch.cat(rule, 1).T, lin.vjp_block(xb, U), tolerance(lin.dtype))
+    return info if ok else None
+
+
+def final_inputs(lin: Linearized, info: FinalLinear, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(φ(x) (n, d_in), f(x) (n, k)): the final layer's inputs and outputs on checked x, from
+    forwards of the private copy with a temporary hook on that layer (chunked to the budget)."""
+    module = lin.module.get_submodule(info.module)
+    rec: list[tuple[Tensor, Tensor]] = []
+
+    def hook(_m, inp, out):
+        rec.append((inp[0].detach(), out.detach()))
+
+    size = lin.rows_per_chunk(0)
+    with lin._session(grad=False):  # the hook lives on the shared private copy: hold its lock
+        handle = module.register_forward_hook(hook)
+        try:
+            for s in lin.chunks(x.shape[0], size):
+                lin.function(x[s])(lin.theta_dict())
+        finally:
+            handle.remove()
+    if len(rec) != len(lin.chunks(x.shape[0], size)):
+        raise RuntimeError(f"the final layer {info.module!r} was not called once per forward")
+    phi = torch.cat([a.reshape(a.shape[0], -1) for a, _ in rec])
+    return phi, torch.cat([o.reshape(o.shape[0], -1) for _, o in rec])
