@@ -310,3 +310,16 @@ def test_interrupted_choice_leaves_the_regressor_unchanged():
         reg.fit(x, -y, callback=stop)
     assert vars(reg).keys() == state.keys() and all(vars(reg)[k] is state[k] for k in state)
     assert torch.equal(reg.predict(xs).mean, before)
+
+
+def test_kept_candidates_are_the_explicit_fits():
+    model, x, y, xs = problem(n=25)
+    reg = NTKRegressor(model, variance_output=1, keep_candidates=True).fit(x, y)
+    assert set(reg.candidates_) == set(reg.model_scores_)
+    assert torch.equal(reg.candidates_[reg.model_].predict(xs).mean, reg.predict(xs).mean)
+    for name, cand in reg.candidates_.items():
+        one = NTKRegressor(model, gp_model=name, variance_output=1, hyperprior=True).fit(x, y)
+        a, b = cand.predict(xs), one.predict(xs)
+        assert rel_err(a.mean, b.mean) <= 1e-12 and rel_err(a.predictive_variance, b.predictive_variance) <= 1e-12
+        assert cand.model_ == name and cand.log_marginal_likelihood() == pytest.approx(
+            one.log_marginal_likelihood(), rel=1e-12)

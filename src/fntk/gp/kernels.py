@@ -53,13 +53,20 @@ def median_lengthscales(U: Tensor) -> Tensor:
     return torch.where(med > 0, med, torch.ones_like(med))
 
 
-def _sq_dist(U1: Tensor, U2: Tensor, log_ls: Tensor) -> Tensor:
-    """Scaled squared distances (n1, n2), clamped at 0 (the expansion can round below)."""
-    ls = log_ls.exp()
+def sq_dist(U1: Tensor, U2: Tensor) -> Tensor:
+    """Unscaled squared Euclidean distances (n1, n2), for a shared lengthscale: r² = this/ℓ²."""
     c = U1.mean(0)  # centred: less cancellation in ‖a‖² + ‖b‖² − 2a·b
-    A, B = (U1 - c) / ls, (U2 - c) / ls
-    d2 = A.square().sum(-1)[:, None] + B.square().sum(-1)[None, :] - 2 * A @ B.T
-    return d2.clamp_min(0)
+    A, B = U1 - c, U2 - c
+    return (A.square().sum(-1)[:, None] + B.square().sum(-1)[None, :] - 2 * A @ B.T).clamp_min(0)
+
+
+def scaled_sq_dist(U1: Tensor, U2: Tensor, log_ls: Tensor, D2: Tensor | None = None) -> Tensor:
+    """r² (n1, n2) = Σ_d (u_d − u′_d)²/ℓ_d², clamped at 0 (the expansion can round below); with one
+    lengthscale, ``D2`` = :func:`sq_dist` (U1, U2) may be passed precomputed (O(n²) per call)."""
+    if log_ls.numel() == 1:
+        return (sq_dist(U1, U2) if D2 is None else D2) * torch.exp(-2 * log_ls)
+    ls = log_ls.exp()
+    return sq_dist(U1 / ls, U2 / ls)
 
 
 def _safe_sqrt(t: Tensor) -> Tensor:
@@ -68,9 +75,10 @@ def _safe_sqrt(t: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, t, torch.ones_like(t)).sqrt(), torch.zeros_like(t))
 
 
-def input_kernel(kind: str, U1: Tensor, U2: Tensor, log_ls: Tensor) -> Tensor:
-    """k(U1, U2) (n1, n2) for features U1 (n1, d), U2 (n2, d) and log-lengthscales (d,) or (1,)."""
-    r2 = _sq_dist(U1, U2, log_ls)
+def input_kernel(kind: str, U1: Tensor, U2: Tensor, log_ls: Tensor, D2: Tensor | None = None) -> Tensor:
+    """k(U1, U2) (n1, n2) for features U1 (n1, d), U2 (n2, d) and log-lengthscales (d,) or (1,)
+    (``D2``: see :func:`scaled_sq_dist`)."""
+    r2 = scaled_sq_dist(U1, U2, log_ls, D2)
     if kind == "rbf":
         return torch.exp(-0.5 * r2)
     r = _safe_sqrt(r2)
@@ -84,4 +92,4 @@ def input_kernel(kind: str, U1: Tensor, U2: Tensor, log_ls: Tensor) -> Tensor:
 
 
 __all__ = ["INPUT_KERNELS", "ARD_MAX_DIMS", "features", "num_lengthscales", "median_lengthscales",
-           "input_kernel"]
+           "sq_dist", "scaled_sq_dist", "input_kernel"]

@@ -21,6 +21,7 @@ identity; determinant lemma for the marginal likelihood); both are exact and agr
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable
 
@@ -32,7 +33,7 @@ from fntk.errors import NotFittedError
 from fntk.gp import iterative, plan, selection
 from fntk.gp.hyper import F64
 from fntk.gp.means import Design, offset_uses_network
-from fntk.gp.models import CRITERIA, PLAIN, VARIANCE_LINKS, GPModel, parse_optimize, parse_options, resolve
+from fntk.gp.models import CRITERIA, VARIANCE_LINKS, GPModel, parse_optimize, parse_options, resolve
 from fntk.gp.network import check_variance_output
 from fntk.gp.posterior import NTKPosterior
 from fntk.gp.targets import check_targets
@@ -46,7 +47,7 @@ DEFAULT_TIME_LIMIT = 3600.0
 #: attributes of objects saved before they existed (restored on load)
 _DEFAULTS = {"time_limit": DEFAULT_TIME_LIMIT, "progress": False, "variance_output": None,
              "variance_link": "softplus", "criterion": "loo", "hyperprior": None, "_design": None,
-             "_variance": None, "model_scores_": {}}
+             "_variance": None, "model_scores_": {}, "keep_candidates": False, "candidates_": {}}
 DEFAULT_CRITERION = "loo"
 
 
@@ -88,6 +89,9 @@ class NTKRegressor:
         hyperprior: fit with the hyperpriors of :mod:`fntk.gp.priors` (MAP-II); default None: on
             when ``gp_model`` chooses among several models, off for a single model (the plain
             evidence, as before).
+        keep_candidates: keep every fitted candidate as ``candidates_[name]``, a fitted regressor
+            of its own (not saved with the adapter; spectral candidates then hold their own n × n
+            factor each).
         scale: kernel scale s (the prior variance of w − θ̂); initial value when learned.
         constant: the constant b of the prior mean; initial value when learned.
         solver: ``"auto"`` | ``"direct"`` (dense Cholesky/eigh) | ``"iterative"`` (matrix-free
@@ -149,6 +153,7 @@ class NTKRegressor:
         time_limit: float | None = DEFAULT_TIME_LIMIT,
         progress: bool = False,
         output_fn: OutputFn | None = None,
+        keep_candidates: bool = False,
     ):
         v = validation
         for name, value, valid in (("space", space, plan.SPACES), ("solver", solver, plan.SOLVERS),
@@ -166,6 +171,7 @@ class NTKRegressor:
             raise TypeError(f"variance_output must be an int output index or None, got {variance_output!r}")
         self.variance_output = variance_output
         self.hyperprior = None if hyperprior is None else v.flag("hyperprior", hyperprior)
+        self.keep_candidates = v.flag("keep_candidates", keep_candidates)
         try:
             NTKMethod(method.lower() if isinstance(method, str) else method)
         except ValueError:
@@ -192,8 +198,8 @@ class NTKRegressor:
         self._lock = threading.RLock()
 
     def __fntk_state__(self) -> dict:
-        """What a saved adapter stores: everything but the lock."""
-        return {k: val for k, val in vars(self).items() if k != "_lock"}
+        """What a saved adapter stores: everything but the lock and the kept candidates."""
+        return {k: val for k, val in vars(self).items() if k not in ("_lock", "candidates_")}
 
     def __fntk_restore__(self) -> None:
         """After loading: a new lock, and the defaults of options added since the file was written."""
@@ -249,7 +255,7 @@ class NTKRegressor:
                          has_variance=self.variance_output is not None)
         variance = None  # (index, link): informs the noise prior of every model, feeds +hetero/@src
         needs = [m.name for m in models if m.needs_variance]
-        if needs or (self.variance_output is not None and models != [PLAIN]):
+        if needs or self.variance_output is not None:
             index = check_variance_output(self.variance_output, lin.num_outputs,
                                           f"model {needs[0]!r}" if needs else "variance_output")
             variance = (index, self.variance_link)
@@ -258,19 +264,29 @@ class NTKRegressor:
         init = {"scale": self.scale, "noise": self.noise, "constant": self.constant}
         with validation.progress(callback, self.progress, "NTKRegressor.fit") as cb:
             if len(models) == 1 and models[0].spectral and not hyperprior:
-                best, scores = selection.fit_plain(lin, x, Y, outputs, pl.space, pl.solver, models[0], init,
-                                                   self.learn, self.method, self.options, cb), {}
+                best = selection.fit_plain(lin, x, Y, outputs, pl.space, pl.solver, models[0], init,
+                                           self.learn, self.method, self.options, cb)
+                scores, cands = {}, [best]
             else:  # one output, function space, direct solver (checked by resolve)
                 sh = selection.Shared(lin, x, outputs[0], Y[:, 0], lin.forward(x).to(F64), self.method)
-                best, scores = selection.fit_models(sh, models, self.criterion, hyperprior, init,
-                                                    self.learn, variance, cb)
-        selection.check_finite(best.h, best.mu, best.sd)
-        self._state, self._mu, self._sd, self._outputs_ = best.state, best.mu, best.sd, outputs
-        self._h, self._design, self._model = best.h, best.design, best.model
-        self._variance = variance if best.model.needs_variance else None
-        self.model_, self.model_scores_ = best.model.name, scores
+                best, scores, cands = selection.fit_models(sh, models, self.criterion, hyperprior, init,
+                                                           self.learn, variance, cb, self.keep_candidates)
+        self._store(best, variance, scores, outputs)
         self.space_, self.solver_, self.estimated_seconds_ = pl.space, pl.solver, pl.seconds
-        self.n_ = n
+        self.n_, self.candidates_ = n, {}
+        for c in cands if self.keep_candidates else []:  # each a fitted regressor of its own
+            other = copy.copy(self)
+            other._lock = threading.RLock()
+            self.candidates_[c.model.name] = other._store(c, variance, {c.model.name: c.scores}, outputs)
+
+    def _store(self, c: selection.Candidate, variance, scores: dict, outputs: list[int]) -> NTKRegressor:
+        """Make ``c`` the fitted model (checked finite); returns self."""
+        selection.check_finite(c.h, c.mu, c.sd)
+        self._state, self._mu, self._sd, self._outputs_ = c.state, c.mu, c.sd, outputs
+        self._h, self._design, self._model = c.h, c.design, c.model
+        self._variance = variance if c.model.needs_variance else None
+        self.model_, self.model_scores_, self.candidates_ = c.model.name, scores, {}
+        return self
 
     # ------------------------------------------------------------------ fitted values
     def _fmt(self, t: Tensor) -> float | Tensor:

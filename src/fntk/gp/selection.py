@@ -233,10 +233,11 @@ def fit_plain(lin: Linearized, x: Tensor, Y: Tensor, outputs: list[int], space: 
 
 
 def fit_models(sh: Shared, models: Sequence[GPModel], criterion: str, hyperprior: bool, init: dict,
-               learn: frozenset[str], variance: tuple[int, str] | None,
-               callback: Callback | None) -> tuple[Candidate, dict[str, dict[str, float]]]:
+               learn: frozenset[str], variance: tuple[int, str] | None, callback: Callback | None,
+               keep: bool = False) -> tuple[Candidate, dict[str, dict[str, float]], list[Candidate]]:
     """Fit every model, keep the best by ``criterion`` (a single model is simply fitted); returns
-    (the chosen candidate, conditioned; {model name: scores}). ``callback`` sees every evaluation of
+    (the chosen candidate, conditioned; {model name: scores}; the candidates, all conditioned with
+    ``keep``: spectral ones on their own copy of the shared kernel). ``callback`` sees every evaluation of
     every search: ``{"step" (counted over the whole fit), "log_marginal_likelihood" (standardised
     units of that model, without the hyperprior), "model"}``."""
     cands, step = [], [0]
@@ -259,10 +260,14 @@ def fit_models(sh: Shared, models: Sequence[GPModel], criterion: str, hyperprior
         return v if math.isfinite(v) else -math.inf
 
     best = cands[0] if len(cands) == 1 else max(cands, key=key)
-    if not best.conditioned:
-        best.state.condition(best.h)
-        best.conditioned = True
-    return best, scores
+    # the chosen model conditions in place on the shared kernel, last; kept others on copies
+    for c in [*(c for c in cands if keep and c is not best), best]:
+        if not c.conditioned:
+            if c is not best:
+                c.state.G = c.state.G.clone()
+            c.state.condition(c.h)
+            c.conditioned = True
+    return best, scores, cands
 
 
 def check_finite(h: Hyper, mu: Tensor, sd: Tensor) -> None:
