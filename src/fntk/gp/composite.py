@@ -41,6 +41,7 @@ from fntk.ntk import cache
 
 NOISE_FLOOR = 1e-6
 MAX_ITER = 100
+U_MAX = 40.0  # |log θ| bound inside the covariance: e^40 ≈ 2e17
 
 
 def _factor(M: Tensor) -> Tensor:
@@ -138,7 +139,9 @@ class DenseComposite:
         return v.sqrt() if self.model.source_amplitude else 1.0
 
     def covariance(self, u: Tensor) -> Tensor:
-        """M(θ) (n × n) at the unconstrained u (differentiable)."""
+        """M(θ) (n × n) at the unconstrained u (differentiable; u is clamped to ±U_MAX so that a
+        long line-search step cannot overflow exp)."""
+        u = u.clamp(-U_MAX, U_MAX)
         M = torch.einsum("l,lij->ij", self.part(u, "log_scales").exp(), self.G)
         if self.U is not None:
             rho = self._amplitude(self.v)
@@ -208,7 +211,10 @@ class DenseComposite:
         self.prior_args = (float(1.0 / self.prior_scale().clamp_min(1e-300)), noise0, ls0)
 
         def objective(u: Tensor) -> Tensor:
-            val = self.log_likelihood(u)[0]
+            try:
+                val = self.log_likelihood(u)[0]
+            except ValueError:  # not positive definite even with jitter: −∞, a flat gradient
+                return u.sum() * 0 - math.inf
             if callback is not None:
                 callback(val.detach().reshape(1))
             return val + self.log_prior(u, *self.prior_args) if hyperprior else val

@@ -3,9 +3,9 @@ r"""Hyperpriors of the NTK-GP models (MAP-II) and the Laplace approximation of a
 Every hyperparameter θ > 0 gets a log-normal prior, log θ ~ N(log θ₀, w²), in the standardised
 units of the GP (residual variance 1):
 
-    kernel scales s, s_l     θ₀ = 1/mean diag(J Jᵀ) (the prior variance explains the residuals), w = 3
-    input-kernel scale s_in  θ₀ = 1/2, w = 3
-    lengthscales ℓ_d         θ₀ = median pairwise distance along d, w = 1
+    kernel scales s, s_l     θ₀ = 1/mean diag(J Jᵀ) (the prior variance explains the residuals), w = 10
+    input-kernel scale s_in  θ₀ = 1/2, w = 10
+    lengthscales ℓ_d         θ₀ = median pairwise distance along d, w = 1.5
     noise σ²                 θ₀ = mean σ²_src(X)/σ_y² when the net has a variance output (the
                              source net's own noise, w = 1), else θ₀ = 0.1 (w = 2)
     noise multiplier c       θ₀ = 1 (trust the source variance), w = 1
@@ -13,17 +13,19 @@ units of the GP (residual variance 1):
 Wide on the scales; what they mainly do is keep σ² off the 1e-6 floor that the plain evidence
 reaches on ≤ 20 points (an interpolating, over-confident fit).
 
-The evidence of a model with hyperparameters u (log-values) and GLS-profiled mean coefficients β
-(:mod:`fntk.gp.means`), by Laplace's method on log p(y | u, β) + log p(u) + log p(β), with a weak
-β ~ N(0, I) in standardised units:
+The evidence of a model with hyperparameters u (log-values) and mean coefficients β (profiled in the
+fit, :mod:`fntk.gp.means`): β is integrated exactly under β ~ N(0, τ²I) (τ = 1 in standardised
+units), u by Laplace's method around the fitted û:
 
-    log p(y | model) ≈ ℓ(û) + log p(û) + log p(β̂) + ((q_u + q_β)/2) log 2π
-                       − ½ log det A_u − ½ log det (HᵀM⁻¹H),
+    log p(y | model) ≈ log N(z | 0, M + τ²HHᵀ) + log p(û) + (q_u/2) log 2π − ½ log det A_u,
+    log N(z | 0, M + τ²HHᵀ) = ℓ(û) + ½ β̂ᵀ[Q(Q + I/τ²)⁻¹Q − Q]β̂ − ½ log det(I + τ²Q),
 
-ℓ the profiled log marginal likelihood, A_u = −∇²_u[ℓ + log p] at the MAP û (central differences
-of the autograd gradient; the Schur complement of the joint Hessian in (u, β) is the Hessian of the
-profiled objective, so the β block contributes log det HᵀM⁻¹H; β̂ is the GLS value, the mode
-without its weak prior). Eigenvalues of A_u are floored at :data:`CURVATURE_FLOOR`.
+with ℓ the profiled log marginal likelihood, Q = HᵀM⁻¹H and β̂ = Q⁻¹HᵀM⁻¹z (Woodbury and the
+determinant lemma), and A_u = −∇²_u[ℓ + log p] at û (central differences of the autograd
+gradient; the profiled objective's curvature stands in for the integrated one's). Eigenvalues of
+A_u are floored at :data:`CURVATURE_FLOOR`. Integrating β instead of a Laplace step matters when
+the constant is poorly identified (the NTK's bias directions make a constant nearly free: β̂ is then
+large and uncertain, and a Gaussian at β̂ would charge its full prior density there).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import torch
 from torch import Tensor
 
 LOG2PI = math.log(2 * math.pi)
-SCALE_WIDTH = 3.0
-LENGTHSCALE_WIDTH = 1.0
+SCALE_WIDTH = 10.0
+LENGTHSCALE_WIDTH = 1.5
 NOISE_WIDTH, INFORMED_NOISE_WIDTH = 2.0, 1.0
 MULTIPLIER_WIDTH = 1.0
 INPUT_SCALE_CENTER = 0.5
@@ -78,22 +80,28 @@ def hessian(fn: Callable[[Tensor], Tensor], u: Tensor, step: float = FD_STEP) ->
     return 0.5 * (Hm + Hm.T)
 
 
-def laplace_evidence(
-    value: float, fn: Callable[[Tensor], Tensor], u: Tensor, beta: Tensor, Q: Tensor
-) -> float:
-    """The Laplace evidence (module docstring) in standardised units.
+def integrated_beta(lml: float, beta: Tensor, Q: Tensor, width: float = BETA_WIDTH) -> float:
+    """log N(z | 0, M + τ²HHᵀ) from the profiled ℓ, β̂ (q,) and Q (q, q) (module docstring)."""
+    eye = torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
+    Qs = 0.5 * (Q + Q.T)
+    inner = Qs @ torch.linalg.solve(Qs + eye / width**2, Qs) - Qs
+    return float(lml + 0.5 * beta @ inner @ beta - 0.5 * torch.logdet(eye + width**2 * Qs))
 
-    Args: value = ℓ(û) + log p(û); fn the differentiable u ↦ ℓ(u) + log p(u) (0-d); u = û (q_u,);
-    beta = β̂ (q_β,); Q = HᵀM⁻¹H (q_β, q_β) at û."""
-    q_u, q_b = u.shape[0], beta.shape[0]
+
+def laplace_evidence(
+    lml: float, log_prior: float, fn: Callable[[Tensor], Tensor], u: Tensor, beta: Tensor, Q: Tensor
+) -> float:
+    """The evidence of the module docstring in standardised units.
+
+    Args: lml = ℓ(û), log_prior = log p(û); fn the differentiable u ↦ ℓ(u) + log p(u) (0-d);
+    u = û (q_u,); beta = β̂ (q_β,); Q = HᵀM⁻¹H (q_β, q_β) at û."""
     logdet_u = 0.0
-    if q_u:
+    if u.shape[0]:
         A = -hessian(fn, u)
         logdet_u = float(torch.linalg.eigvalsh(A).clamp_min(CURVATURE_FLOOR).log().sum())
-    logdet_b = float(torch.linalg.eigvalsh(0.5 * (Q + Q.T)).clamp_min(CURVATURE_FLOOR).log().sum())
-    log_pb = float(log_normal(beta, torch.zeros_like(beta), BETA_WIDTH))
-    return value + log_pb + 0.5 * (q_u + q_b) * LOG2PI - 0.5 * logdet_u - 0.5 * logdet_b
+    return integrated_beta(lml, beta, Q) + log_prior + 0.5 * u.shape[0] * LOG2PI - 0.5 * logdet_u
 
 
-__all__ = ["log_normal", "noise_center", "hessian", "laplace_evidence", "SCALE_WIDTH", "LENGTHSCALE_WIDTH",
+__all__ = ["log_normal", "noise_center", "hessian", "integrated_beta", "laplace_evidence", "SCALE_WIDTH",
+           "LENGTHSCALE_WIDTH",
            "NOISE_WIDTH", "INFORMED_NOISE_WIDTH", "MULTIPLIER_WIDTH", "INPUT_SCALE_CENTER"]

@@ -15,7 +15,8 @@ units (a model's z = (y − o(X) − μ)/σ_y has its own σ_y, hence the −n l
   the GP's predictive variance there with the plug-in mean, as :meth:`NTKRegressor.predict`
   reports it (noise included). O(n²q) from the eigendecomposition (spectral models) or O(n³/3)
   from the Cholesky factor (composite models);
-- ``"evidence"``: the Laplace approximation of log p(y | model) with the hyperpriors integrated
+- ``"evidence"``: log p(y | model) with the mean coefficients integrated exactly and the kernel
+  and noise hyperparameters by Laplace's method under their hyperpriors
   (:func:`fntk.gp.priors.laplace_evidence`);
 - ``"marglik"``: the plain (profiled) log marginal likelihood at the fitted hyperparameters, which
   prefers the most flexible model (it over-fits the choice at small n).
@@ -156,7 +157,7 @@ def _scores(lml: float, lp: float, fn: Callable[[Tensor], Tensor], u: Tensor, be
     shift = n * float(sd[0].log())
     return {
         "loo": float(loo_log_densities(minv, MinvH, Q, alpha).sum()) - shift,
-        "evidence": priors.laplace_evidence(lml + lp, fn, u, beta, Q[0]) - shift,
+        "evidence": priors.laplace_evidence(lml, lp, fn, u, beta, Q[0]) - shift,
         "marglik": lml - shift,
         "log_hyperprior": lp,
     }
