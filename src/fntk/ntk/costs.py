@@ -39,4 +39,20 @@ def ntk_product_seconds(flops: float, n1: int, n2: int, r: int, vjp: float = 1.0
     return 2 * flops * (n2 * (1 + 2 * r) * vjp + 2 * n1 * r * jvp) / R_AD
 
 
-__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds"]
+def ggn_product_seconds(flops: float, n: int, r: int, jvp: float = 1.0, vjp: float = 1.0) -> float:
+    """One autodiff GGN product with r columns: a shared forward, then per column a forward-mode
+    pass and a backward pass (about 2 units each), priced by the validated paths' slowdowns."""
+    return 2 * flops * n * (1 + 2 * r * (jvp + vjp)) / R_AD
+
+
+def tapped_product_seconds(flops: float, n: int, k: int, r: int, column_flops: float, cached: bool,
+                           directions: int = 2) -> float:
+    """Tapped products (:mod:`fntk.linearize.tapped`) with r columns: the taps (a forward and k
+    backward passes per point) unless kept from an earlier product, then ``directions`` GEMM
+    passes (J V and/or Jᵀ U) of ``column_flops`` each per column."""
+    taps = 0.0 if cached else 2 * flops * n * (1 + 2 * k) / R_AD
+    return taps + directions * r * column_flops / R_GEMM
+
+
+__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds",
+           "ggn_product_seconds", "tapped_product_seconds"]

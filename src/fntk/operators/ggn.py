@@ -10,8 +10,11 @@ Hessian of the linearized model's negative log-likelihood Σ_i nll(f_lin(x_i; w)
 
 :class:`GGNOperator` is a matrix-free linear_operator ``LinearOperator`` with three products:
 
-- ``"exact"``: G V = Jᵀ (H (J V)) by one batched jvp and one batched vjp per chunk of points, all
-  r columns at once (vmap);
+- ``"exact"``: G V = Jᵀ (H (J V)) per chunk of points, all r columns at once: for networks of
+  Linear layers (and norm affines) from layer taps and two GEMMs per layer
+  (:mod:`fntk.linearize.tapped`; the taps kept between products when they fit), else by one
+  forward per column carrying the tangent and recording the primal (vmap), whichever fntk's cost
+  model (:func:`fntk.ntk.costs.ggn_product_seconds`) finds cheaper among the validated paths;
 - ``"finite_difference"``: the paper's "scalable Fisher vector product", with the KL divergence of
   the model's predictive distribution from its value at θ̂,
 
@@ -40,6 +43,9 @@ from torch import Tensor
 
 from fntk.likelihoods import Likelihood
 from fntk.linearize import Linearized
+from fntk.linearize.tapped import TappedJacobian, tapped_layers
+from fntk.linearize.taps import analyze
+from fntk.ntk.costs import cheapest, ggn_product_seconds, tapped_product_seconds
 from fntk.operators.base import SymmetricWeightOperator, as_columns, from_columns
 from fntk.operators.ggn_diagonal import ggn_dense, ggn_diagonal
 
@@ -79,6 +85,7 @@ class GGNOperator(SymmetricWeightOperator):
         logits: Tensor | None = None,
         _f: Tensor | None = None,
         _checked: bool = False,
+        _taps: dict | None = None,
     ):
         if not _checked:
             if not isinstance(lin, Linearized):
@@ -113,6 +120,7 @@ class GGNOperator(SymmetricWeightOperator):
             y = likelihood.check_target(y, _f)
             if method != "exact":  # refuse up front when the model has no path for the products
                 lin.second_order_path("hvp" if method == "autograd" else "grad")
+        taps = {} if _taps is None else _taps
         super().__init__(
             lin=lin,
             x=x,
@@ -123,6 +131,7 @@ class GGNOperator(SymmetricWeightOperator):
             eps=float(eps),
             _f=_f,
             _checked=True,
+            _taps=taps,
         )
         self.lin, self.x, self.likelihood, self.y = lin, x, likelihood, y
         self.method, self.reduction, self.eps = method, reduction, float(eps)
@@ -130,6 +139,7 @@ class GGNOperator(SymmetricWeightOperator):
         n = x.shape[0]
         self.scale = 1.0 if reduction == "sum" else 1.0 / n
         self._hop = None  # the likelihood's H operator, built on first use
+        self._taps = taps  # the tapped products and their kept taps, shared with rebuilt copies
 
     # ------------------------------------------------------------------ LinearOperator plumbing
     def _matmul(self, rhs: Tensor) -> Tensor:
@@ -153,14 +163,34 @@ class GGNOperator(SymmetricWeightOperator):
         return lin.chunks(self.x.shape[0], lin.rows_per_chunk(copies))
 
     # ------------------------------------------------------------------ products, (p, r) → (p, r)
+    def _tapped(self, r: int) -> TappedJacobian | None:
+        """The tapped products when they apply and the cost model prefers them for r columns."""
+        lin, x = self.lin, self.x
+        if "tj" in self._taps:
+            tj = self._taps["tj"]
+        else:
+            an = tapped_layers(lin, x)
+            tj = self._taps["tj"] = None if an is None else TappedJacobian(lin, x, an)
+        if tj is None:
+            return None
+        F, n, k = analyze(lin, x).flops, x.shape[0], lin.num_outputs
+        options = {
+            "tapped": tapped_product_seconds(F, n, k, r, tj.column_flops, tj.cached(), 2),
+            "autodiff": ggn_product_seconds(F, n, r, lin.slowdown("jvp"), lin.slowdown("vjp")),
+        }
+        return tj if cheapest(options, "the GGN product") == "tapped" else None
+
     def _exact(self, V: Tensor) -> Tensor:
-        """Σ_chunks J_sᵀ H_s J_s V, all r columns at once (:meth:`fntk.Linearized.ggn_block`: by
-        default one forward per column carrying the tangent and recording the primal for reverse
-        mode, about 5/3 of a gradient's work per column)."""
+        """Σ_chunks J_sᵀ H_s J_s V, all r columns at once: tapped GEMMs (:meth:`_tapped`) or
+        :meth:`fntk.Linearized.ggn_block` (by default one forward per column carrying the tangent and
+        recording the primal for reverse mode, about 5/3 of a gradient's work per column)."""
         lin, x = self.lin, self.x
         if self._hop is None:
             self._hop = self.likelihood.hessian_operator(self.f, self.y)
         hop = self._hop
+        tj = self._tapped(V.shape[1])
+        if tj is not None:
+            return tj.ggn(V, hop)
         out = torch.zeros_like(V)
         for s in self._chunks(V.shape[1]):
             out += lin.ggn_block(x[s], V, lambda u, s=s: hop(u, s))

@@ -1,5 +1,7 @@
 r"""The empirical NTK K = J(x1) J(x2)ᵀ as a matrix-free LinearOperator: (n1·k × n2·k), or (n1 × n2)
-for one output; ``@`` is one vjp over x2 then one jvp over x1, both vmapped over the r columns.
+for one output; ``@`` is one Jᵀ product over x2 then one J product over x1 for all r columns:
+vmapped vjp and jvp, or, for networks of Linear layers, GEMMs on layer taps kept between products
+(:mod:`fntk.linearize.tapped`), whichever the cost model prefers.
 
 Rows are point-major: row i·k + c is output c of point i. Because it is a ``LinearOperator``,
 linear_operator's CG solves, Lanczos, ``to_dense`` and GPyTorch's ExactGP machinery all work on it
@@ -13,9 +15,10 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from fntk.linearize import Linearized
+from fntk.linearize.tapped import TappedJacobian, tapped_layers
 from fntk.linearize.taps import analyze
 from fntk.ntk import cache
-from fntk.ntk.costs import cheapest, ntk_product_seconds
+from fntk.ntk.costs import cheapest, ntk_product_seconds, tapped_product_seconds
 from fntk.ntk.methods import choose_method
 from fntk.operators.base import LinOperator, as_columns, check_output, from_columns
 
@@ -119,12 +122,37 @@ class NTKOperator(LinOperator):
         U[:, self.outputs] = cols
         return U
 
+    def _tapped(self, r: int) -> tuple[TappedJacobian, TappedJacobian] | None:
+        """Tapped products (J(x1), J(x2)) when they apply and the cost model prefers them."""
+        lin = self.lin
+        if "tapped" not in self._cache:
+            an = tapped_layers(lin, self.x1)
+            if an is None:
+                self._cache["tapped"] = None
+            else:
+                t1 = TappedJacobian(lin, self.x1, an)
+                self._cache["tapped"] = (t1, t1 if self.symmetric else TappedJacobian(lin, self.x2, an))
+        pair = self._cache["tapped"]
+        if pair is None:
+            return None
+        F, k = analyze(lin, self.x1).flops, lin.num_outputs
+        n1, n2 = self.x1.shape[0], self.x2.shape[0]
+        t1, t2 = pair
+        tapped = tapped_product_seconds(F, n2, k, r, t2.column_flops, t2.cached(), 1)
+        tapped += tapped_product_seconds(F, n1, k, r, t1.column_flops, t1.cached() or t1 is t2, 1)
+        autodiff = ntk_product_seconds(F, n1, n2, r, lin.slowdown("vjp"), lin.slowdown("jvp"))
+        return pair if cheapest({"tapped": tapped, "autodiff": autodiff}, "K @ V") == "tapped" else None
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, shape, vec = as_columns(rhs.to(self.dtype))
         if self._dense is not None or self._want_dense(cols.shape[1]):
             return from_columns(self.dense_kernel() @ cols, shape, vec)
-        W = self.lin.vjp_mat(self.x2, self._cotangent(cols))  # (p, r)
-        F = self.lin.jvp_mat(self.x1, W)  # (n1, k, r)
+        pair = self._tapped(cols.shape[1])
+        if pair is not None:
+            F = pair[0].jvp(pair[1].vjp(self._cotangent(cols)))
+        else:
+            W = self.lin.vjp_mat(self.x2, self._cotangent(cols))  # (p, r)
+            F = self.lin.jvp_mat(self.x1, W)  # (n1, k, r)
         F = F.reshape(-1, F.shape[-1]) if self.outputs == "full" else F[:, self.outputs]
         return from_columns(F, shape, vec)
 
