@@ -335,3 +335,16 @@ def test_kept_candidates_are_the_explicit_fits():
         assert rel_err(a.predictive_variance, b.predictive_variance) <= 1e-12
         assert cand.model_ == name and cand.log_marginal_likelihood() == pytest.approx(
             one.log_marginal_likelihood(), rel=1e-12)
+
+
+def test_fits_inside_cached_kernels_leave_the_cached_kernel_intact():
+    """Several regressors on the same float64 inputs inside fntk.ntk.cached_kernels() (the cached
+    kernel is the very tensor each fit receives): each equals its fit outside the cache."""
+    model, x, y, xs = problem(n=25)
+    lin = fntk.Linearized(model)
+    kinds = [dict(mean="network"), dict(), dict(mean="constant"), dict(gp_model="scaled+rbf")]
+    outside = [NTKRegressor(lin, **kw).fit(x, y).predict(xs).mean for kw in kinds]
+    with fntk.ntk.cached_kernels():
+        inside = [NTKRegressor(lin, **kw).fit(x, y).predict(xs).mean for kw in kinds * 2]
+    for a, b in zip(outside * 2, inside):
+        assert rel_err(b, a) <= 1e-12

@@ -34,7 +34,13 @@ from fntk.gp.dense import Factor
 from fntk.gp.hyper import F64, LOG2PI, Hyper, search
 from fntk.gp.means import gls
 from fntk.gp.models import GPModel
-from fntk.gp.network import layer_diagonals, layer_kernels, layer_linearizations, source_variance
+from fntk.gp.network import (
+    kernel_diagonal,
+    layer_diagonals,
+    layer_kernels,
+    layer_linearizations,
+    source_variance,
+)
 from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized
 from fntk.ntk import cache
@@ -257,7 +263,7 @@ class DenseComposite:
         else:
             Kx = s * cache.output_kernels(self.lin, self.x, xs, self.outputs, self.method)[0].to(F64)
             Kss = s * (cache.output_kernels(self.lin, xs, None, self.outputs, self.method)[0].to(F64)
-                       if full_cov else cache.kernel_diagonal(self.lin, xs, self.outputs)[0].to(F64))
+                       if full_cov else kernel_diagonal(self.lin, xs, self.outputs)[0].to(F64))
         if self.U is not None:
             Us, kind = kernels.features(xs), self.model.input_kernel
             ls, s_in = self.part(u, "log_lengthscales"), self.part(u, "log_input_scale").exp()

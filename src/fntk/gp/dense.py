@@ -37,6 +37,7 @@ from torch import Tensor
 from fntk import persist
 from fntk.gp.hyper import F64, LOG2PI, Hyper, Objective
 from fntk.gp.means import gls
+from fntk.gp.network import kernel_diagonal
 from fntk.linalg import safe_cholesky
 from fntk.linearize import Linearized
 from fntk.ntk import cache
@@ -86,7 +87,7 @@ class DenseFunction:
 
     The mean's design H (k', n, q) (:mod:`fntk.gp.means`; default the column of ones) enters the
     evidence through the GLS-profiled β; ``G`` and ``eig`` may be passed in when several models
-    share one kernel (they are only read until :meth:`condition`, which overwrites G)."""
+    share one kernel (it is only read: :meth:`condition` builds sG + σ²I in a new buffer)."""
 
     space = "function"
 
@@ -149,11 +150,11 @@ class DenseFunction:
         """Cholesky of sG + σ²I and α = (sG + σ²I)⁻¹(z − Hβ). (Also after an eigh: n³/3 more flops
         buy the backward stability of Cholesky at the chosen hyperparameters.)"""
         self.h = h
-        # sG + σ²I overwrites G (one n × n buffer less: 3.2 GB at n = 20,000); conditioning is the
-        # last use of G in a fit
-        M, self.G = self.G, None
-        self._eig = None
-        M.mul_(h.scale[:, None, None]).diagonal(dim1=-2, dim2=-1).add_(h.noise[:, None])
+        # sG + σ²I in a new buffer, never in G: G may be a cached kernel (fntk.ntk.cached_kernels)
+        # or shared by several models (the model choice); conditioning is the last use of G here
+        M = self.G * h.scale[:, None, None]
+        M.diagonal(dim1=-2, dim2=-1).add_(h.noise[:, None])
+        self.G, self._eig = None, None
         self.factor = Factor.cholesky(M)
         del M
         if h.slope is None:
@@ -175,7 +176,7 @@ class DenseFunction:
         if full_cov:
             Kss = cache.output_kernels(self.lin, xs, None, self.outputs, self.method).to(F64)
             return mean, s[..., None] * Kss - W.mT @ W
-        kss = cache.kernel_diagonal(self.lin, xs, self.outputs).to(F64)
+        kss = kernel_diagonal(self.lin, xs, self.outputs).to(F64)
         return mean, s * kss - W.square().sum(-2)
 
 

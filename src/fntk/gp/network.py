@@ -12,7 +12,8 @@ and the per-layer kernel blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from fntk.linearize import Linearized
 from fntk.ntk import cache
 
 F64 = torch.float64
+#: active diagonal caches (:func:`cached_diagonals`): key → (inputs kept alive, diagonal)
+_DIAGONALS: list[dict] = []
 
 
 def check_variance_output(index: int | None, k: int, needed_by: str) -> int:
@@ -89,11 +92,35 @@ def layer_kernels(lins: Sequence[Linearized], x1: Tensor, x2: Tensor | None, out
     return torch.stack(out)
 
 
+@contextlib.contextmanager
+def cached_diagonals() -> Iterator[None]:
+    """Within the block, the kernel diagonal diag J_c(x)J_c(x)ᵀ of a (Linearized, input tensor,
+    outputs) is computed once (:func:`kernel_diagonal`): for predicting several fitted regressors at
+    the same test points (the model choice's candidates; the cross kernels are
+    :func:`fntk.ntk.cached_kernels`'). Keyed by object identity; the entries keep their inputs alive
+    until the block ends, and inputs must not be modified in place inside it."""
+    _DIAGONALS.append({})
+    try:
+        yield
+    finally:
+        _DIAGONALS.pop()
+
+
+def kernel_diagonal(lin: Linearized, x: Tensor, outputs: Sequence[int]) -> Tensor:
+    """:func:`fntk.ntk.cache.kernel_diagonal` (len(outputs), n), from an active
+    :func:`cached_diagonals` block when it holds it."""
+    if not _DIAGONALS:
+        return cache.kernel_diagonal(lin, x, outputs)
+    memo, key = _DIAGONALS[-1], (id(lin), id(x), tuple(outputs))
+    if key not in memo:
+        memo[key] = (lin, x, cache.kernel_diagonal(lin, x, outputs))
+    return memo[key][2]
+
+
 def layer_diagonals(lins: Sequence[Linearized], x: Tensor, output: int) -> Tensor:
     """diag J_l(x)J_l(x)ᵀ per layer: (L, m) float64."""
-    return torch.stack([cache.kernel_diagonal(li, li.check_input(x, "x"), [output])[0].to(F64)
-                        for li in lins])
+    return torch.stack([kernel_diagonal(li, li.check_input(x, "x"), [output])[0].to(F64) for li in lins])
 
 
-__all__ = ["check_variance_output", "source_variance", "layer_groups", "layer_linearizations",
-           "layer_kernels", "layer_diagonals"]
+__all__ = ["check_variance_output", "source_variance", "cached_diagonals", "kernel_diagonal", "layer_groups",
+           "layer_linearizations", "layer_kernels", "layer_diagonals"]

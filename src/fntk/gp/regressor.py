@@ -90,8 +90,7 @@ class NTKRegressor:
             when ``gp_model`` chooses among several models, off for a single model (the plain
             evidence, as before).
         keep_candidates: keep every fitted candidate as ``candidates_[name]``, a fitted regressor
-            of its own (not saved with the adapter; spectral candidates then hold their own n × n
-            factor each).
+            of its own (not saved with the adapter; each holds its own n × n factor).
         scale: kernel scale s (the prior variance of w − θ̂); initial value when learned.
         constant: the constant b of the prior mean; initial value when learned.
         solver: ``"auto"`` | ``"direct"`` (dense Cholesky/eigh) | ``"iterative"`` (matrix-free

@@ -22,7 +22,7 @@ units (a model's z = (y − o(X) − μ)/σ_y has its own σ_y, hence the −n l
   prefers the most flexible model (it over-fits the choice at small n).
 
 The model with the highest score under ``criterion`` is kept, and only it is conditioned for
-prediction (models share the NTK and its one eigendecomposition).
+prediction (models share the NTK and its one eigendecomposition, which they only read).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def fit_models(sh: Shared, models: Sequence[GPModel], criterion: str, hyperprior
                keep: bool = False) -> tuple[Candidate, dict[str, dict[str, float]], list[Candidate]]:
     """Fit every model, keep the best by ``criterion`` (a single model is simply fitted); returns
     (the chosen candidate, conditioned; {model name: scores}; the candidates, all conditioned with
-    ``keep``: spectral ones on their own copy of the shared kernel). ``callback`` sees every evaluation of
+    ``keep``). ``callback`` sees every evaluation of
     every search: ``{"step" (counted over the whole fit), "log_marginal_likelihood" (standardised
     units of that model, without the hyperprior), "model"}``."""
     cands, step = [], [0]
@@ -261,11 +261,8 @@ def fit_models(sh: Shared, models: Sequence[GPModel], criterion: str, hyperprior
         return v if math.isfinite(v) else -math.inf
 
     best = cands[0] if len(cands) == 1 else max(cands, key=key)
-    # the chosen model conditions in place on the shared kernel, last; kept others on copies
-    for c in [*(c for c in cands if keep and c is not best), best]:
+    for c in cands if keep else [best]:
         if not c.conditioned:
-            if c is not best:
-                c.state.G = c.state.G.clone()
             c.state.condition(c.h)
             c.conditioned = True
     return best, scores, cands
