@@ -322,17 +322,16 @@ class LinearizedClassifier:
         cost.check_time(self.estimated_seconds_ * (folds * len(grid) + 1), self.time_limit, x.shape[0],
                         self.lin.num_params, f"{space} space, {folds}-fold CV over {len(grid)} λ")
 
-        def fit_predict(tr: Tensor, va: Tensor, lam: float) -> Tensor:
+        def fit_predict(x_tr: Tensor, y_tr: Tensor, x_va: Tensor, lam: float) -> Tensor:
             fold = copy.copy(self)  # this classifier's options, its own state and lock
             fold.prior_precision, fold.progress, fold._backend = lam, False, None
             fold._lock = threading.RLock()
             with warnings.catch_warnings():  # a fold fit short of tol still scores its fold
                 warnings.filterwarnings("ignore", "MAP solve stopped", RuntimeWarning)
-                fold._fit(x[tr], y[tr], callback)
-            return fold.predict_proba(x[va])
+                fold._fit(x_tr, y_tr, callback)
+            return fold.predict_proba(x_va)
 
-        lam, self.cv_history_ = _cv.cross_validate(fit_predict, self.lin, x, y, grid, folds, self.seed,
-                                                   pool=space == "function")
+        lam, self.cv_history_ = _cv.cross_validate(fit_predict, x, y, grid, folds, self.seed)
         return lam
 
     def _set_map_info(self, lam: float, info: FitInfo, ml: MarglikInfo) -> None:

@@ -14,8 +14,8 @@ MAP's held-out NLL keeps improving down to λ ≈ 1-3 there (see the README).
 Folds are stratified: each class's indices are shuffled (``seed``) and dealt round-robin to the K
 folds, so every fold holds ⌊n_c/K⌋ or ⌈n_c/K⌉ labels of class c. A class with fewer than K labels
 is refused (ValueError): its held-out labels could not all be scored by a model that saw the class.
-In function space the kernel of all n points is formed once (:func:`fntk.ntk.kernel_pool`) and every
-fold's kernels are read from it for every λ.
+Each fold's inputs are made once, and its kernels are formed once for every λ
+(:func:`fntk.ntk.cached_kernels`; read from an enclosing :func:`fntk.ntk.kernel_pool` when there is one).
 
 Cost: K·|Λ| fits on (K−1)n/K points plus the final fit (checked against the classifier's
 ``time_limit`` before the first fold).
@@ -23,15 +23,13 @@ Cost: K·|Λ| fits on (K−1)n/K points plus the final fit (checked against the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from fntk.linearize import Linearized
-from fntk.ntk import kernel_pool
+from fntk.ntk import cached_kernels
 
 #: the default λ grid: 10^-2 … 10^5 in half decades (15 values)
 DEFAULT_GRID = tuple(10.0 ** (e / 2) for e in range(-4, 11))
@@ -85,37 +83,30 @@ def held_out_nll(probs: Tensor, y: Tensor) -> float:
 
 
 def cross_validate(
-    fit_predict: Callable[[Tensor, Tensor, float], Tensor],
-    lin: Linearized,
+    fit_predict: Callable[[Tensor, Tensor, Tensor, float], Tensor],
     x: Tensor,
     y: Tensor,
     grid: Sequence[float],
     folds: int,
     seed: int,
-    pool: bool,
 ) -> tuple[float, list[tuple[float, float]]]:
     """λ̂ and the history [(λ, CV(λ))] over the grid (module docstring).
 
     Args:
-        fit_predict: (training indices, validation indices, λ) → class probabilities (n_va, C) of
-            the classifier fitted on the training fold at λ.
-        lin, x: the classifier's linearization and inputs (n, ...) (for the kernel pool).
-        y: labels (n,) int64; grid: λ values; folds: K ≥ 2; seed: shuffles the folds.
-        pool: form the kernel of all n points once (function-space fits).
+        fit_predict: (training inputs, training labels, validation inputs, λ) → class probabilities
+            (n_va, C) of the classifier fitted on the training fold at λ.
+        x: inputs (n, ...); y: labels (n,) int64; grid: λ values; folds: K ≥ 2; seed: shuffles the folds.
     """
     n = x.shape[0]
-    valid = stratified_folds(y, folds, seed)
     total = dict.fromkeys(grid, 0.0)
-    with contextlib.ExitStack() as stack:
-        if pool:
-            stack.enter_context(kernel_pool(lin, x))
-        for va in valid:
+    with cached_kernels():
+        for va in stratified_folds(y, folds, seed):
             keep = torch.ones(n, dtype=torch.bool, device=y.device)
             keep[va] = False
             tr = torch.nonzero(keep)[:, 0]
+            x_tr, y_tr, x_va = x[tr], y[tr], x[va]  # one tensor each: the kernel cache keys on identity
             for lam in grid:
-                probs = fit_predict(tr, va, lam)
-                total[lam] += held_out_nll(probs, y[va])
+                total[lam] += held_out_nll(fit_predict(x_tr, y_tr, x_va, lam), y[va])
     history = [(lam, total[lam] / n) for lam in grid]
     best = min(history, key=lambda item: (item[1] if math.isfinite(item[1]) else math.inf, -item[0]))
     return best[0], history
