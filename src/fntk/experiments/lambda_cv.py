@@ -18,9 +18,12 @@ least K items per class, and a training fold without some class cannot score it.
 per class no split has a training fold containing the held-out image's class: leave-one-out is
 uninformative there, and this routine refuses instead of guessing.)
 
-This is what a ``prior_precision="cv"`` option of :class:`fntk.LinearizedClassifier` would do
-(with ``build`` = the unchanged network); it lives in the experiments because the rebuild of θ̂
-per fold is specific to the transfer set-up.
+Why not ``LinearizedClassifier(prior_precision="cv")`` (:mod:`fntk.classify.cv`): it keeps one
+θ̂ for every fold. When θ̂ itself was fitted to these labels (the probe head of ``fntk run
+unsup``), every held-out fold has then informed the model that predicts it, which favours large λ
+(no change from θ̂). The folds here come from :func:`fntk.baselines.finetune.kfold_splits`, the
+splitter of the probe's and of fine-tuning's cross-validation: with the same K and seed,
+fine-tuning's CV sees exactly these folds.
 """
 
 from __future__ import annotations
