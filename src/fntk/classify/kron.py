@@ -106,13 +106,15 @@ class SoftmaxFactor:
         n, d = Phi.shape
         k = pi.shape[1]
         self.k, self.d, self.n, self.lam, self.Phi, self.pi = k, d, n, lam, Phi, pi
-        Dg = Phi.T @ (pi.T[:, :, None] * Phi[None])  # (k, d̃, d̃): Φ̃ᵀ diag(π_:c) Φ̃
+        Z = (pi[:, :, None] * Phi[:, None, :]).reshape(n, k * d)  # one GEMM for all k blocks
+        Dg = (Phi.T @ Z).reshape(d, k, d).permute(1, 0, 2)  # (k, d̃, d̃): Φ̃ᵀ diag(π_:c) Φ̃
         Dg = 0.5 * (Dg + Dg.mT)
         Dg.diagonal(dim1=1, dim2=2).add_(lam)
         self.Rc = chol(Dg)
-        # R_c⁻¹ Φ̃ᵀ (k, d̃, n), and Ỹ = R⁻¹ W (p × n): block c = R_c⁻¹ Φ̃ᵀ diag(π_:c); row-major copies
-        # (LAPACK returns column-major blocks, and strided elementwise products are slow)
-        self.Y = torch.linalg.solve_triangular(self.Rc, Phi.T.expand(k, d, n), upper=False).contiguous()
+        # R_c⁻¹ Φ̃ᵀ (k, d̃, n), and Ỹ = R⁻¹ W (p × n): block c = R_c⁻¹ Φ̃ᵀ diag(π_:c); solved as
+        # Φ̃ R_c⁻ᵀ, whose column-major LAPACK result transposes to row-major blocks without a copy
+        X = torch.linalg.solve_triangular(self.Rc.mT, Phi.expand(k, n, d), upper=True, left=False)
+        self.Y = X.mT.contiguous()
         self.Yt = (self.Y * pi.T[:, None, :]).reshape(k * d, n)
         Yt = self.Yt
         C = -(Yt.T @ Yt)
@@ -147,11 +149,12 @@ class SoftmaxFactor:
         if self.inverses is None:
             self.inverses = (torch.cholesky_inverse(self.Rc), torch.cholesky_inverse(self.Rn))
         Dinv, Cinv = self.inverses
+        k, d, n, r = self.k, self.d, self.n, B.shape[0]
         u = Dinv @ B.permute(1, 2, 0)  # (k, d̃, r)
-        t = (self.pi.T[:, :, None] * (self.Phi @ u)).sum(0)  # Wᵀu: (n, r)
-        s = Cinv @ t
-        z = self.Phi.T @ (self.pi.T[:, :, None] * s)  # W s: (k, d̃, r)
-        return (u + Dinv @ z).permute(2, 0, 1)
+        Pu = (self.Phi @ u.permute(1, 0, 2).reshape(d, k * r)).view(n, k, r)
+        s = Cinv @ (Pu * self.pi[:, :, None]).sum(1)  # C⁻¹ Wᵀu: (n, r)
+        z = (self.Phi.T @ (self.pi[:, :, None] * s[:, None, :]).reshape(n, k * r)).view(d, k, r)
+        return (u + Dinv @ z.permute(1, 0, 2)).permute(2, 0, 1)  # W s: z
 
     def blocks(self, Phi_x: Tensor | None = None) -> Tensor:
         """S_i[c, c'] = δ_cc' ‖y_ic‖² + e_icᵀ e_ic', y_ic = R_c⁻¹ φ̃_i, e_ic = R_C⁻¹ Ỹ_cᵀ y_ic: (m, k, k);

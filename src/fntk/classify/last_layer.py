@@ -29,7 +29,10 @@ from torch import Tensor
 from fntk import persist
 from fntk.classify.kron import KronFactor, SoftmaxFactor
 from fntk.classify.objective import (
+    CG_MAX,
+    CG_REFRESH,
     F64,
+    FORCING,
     FitInfo,
     Terms,
     hessian_derivative,
@@ -41,16 +44,6 @@ from fntk.classify.objective import (
 from fntk.likelihoods import Likelihood
 from fntk.linearize import Linearized
 from fntk.linearize.taps import FinalLinear, final_inputs
-
-#: CG iterations before a Newton step falls back to a fresh factorisation
-CG_MAX = 60
-#: a CG that needed more iterations than this refreshes the factorisation for the next step (a
-#: factorisation costs about as much as this many preconditioned CG iterations)
-CG_REFRESH = 12
-#: the CG forcing tolerance of a Newton step is min(FORCING, ‖∇Ψ‖) relative (quadratic convergence
-#: near the MAP); far from it the line search, not the inexact solve, limits the steps (measured on
-#: the digit transfer: 0.1 and 0.01 save 1-4 Newton steps per λ but cost more CG iterations)
-FORCING = 0.5
 
 
 @persist.register("classify.LastLayer")
@@ -276,4 +269,4 @@ class LastLayer:
         return self._flat(M)
 
 
-__all__ = ["LastLayer", "CG_MAX", "CG_REFRESH"]
+__all__ = ["LastLayer"]

@@ -17,6 +17,13 @@ from fntk.linalg import lanczos_root, safe_cholesky
 from fntk.linearize import Linearized
 
 F64 = torch.float64
+#: Newton steps by preconditioned CG (last-layer and dense weight-space backends): the forcing
+#: tolerance min(FORCING, ‖∇Ψ‖) relative (quadratic convergence near the MAP; far from it the line
+#: search, not the inexact solve, limits the steps: on the digit transfer 0.1 and 0.01 saved 1-4
+#: Newton steps per λ but cost more CG iterations); CG_MAX iterations before a fresh factorisation
+#: replaces CG; more than CG_REFRESH (about the cost of one factorisation) refresh the
+#: preconditioner for the next step
+FORCING, CG_MAX, CG_REFRESH = 0.5, 60, 12
 
 
 @persist.register("classify.Terms")
