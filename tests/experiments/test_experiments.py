@@ -60,7 +60,7 @@ def test_demo_quick_sine(tmp_path):
     _check_summary(res, ("mse", "nll", "coverage"), tmp_path)
     mse = {(r["setting"], r["method"]): r["mse"] for r in res["summary"]}
     for setting in ("sine", "linear"):
-        assert mse[(setting, "ntk_gp_function")] < mse[(setting, "source")], setting
+        assert mse[(setting, "ntk_gp")] < mse[(setting, "source")], setting
     # function and weight space are the same exact GP: same marginal likelihood and predictions
     agree = res["space_agreement"]
     assert agree["lml"] < 1e-6 and agree["mse"] < 1e-6, agree

@@ -15,8 +15,11 @@ variance of the data); predictions are mapped back and all metrics are in cases 
 Methods:
 
 - ``source``: the 2012 network, its own heteroscedastic predictive.
-- ``ntk_gp``: :class:`fntk.NTKRegressor` on output 0 (all 252,502 parameters), prior mean
-  f₀(x; θ̂) + b, scale, noise and b learned by marginal likelihood.
+- ``ntk_gp``: :class:`fntk.NTKRegressor` on output 0 (all 252,502 parameters) with its default
+  model choice, told the net's variance output (``variance_output=1``, softplus link) so that the
+  candidates include the source-noise models and the noise prior is centred on the net's own
+  variance; ``ntk_gp_evidence``, ``ntk_gp_marglik``, ``ntk_gp_network`` (the plain f₀ + b model,
+  the default before), ``oracle`` and ``cand:<model>``: see :mod:`fntk.experiments.model_choice`.
 - ``ntk_gp_paper``: the paper code's fixed defaults: constant prior mean b = 0, kernel scale 1,
   noise 0.6932 (GPyTorch's ``GaussianLikelihood`` default: softplus(0) + 1e-4), nothing learned
   (in the standardised units the networks are trained in).
@@ -26,7 +29,8 @@ Methods:
   {100, 300} are chosen per fit by 3-fold cross-validation on the held-out NLL
   (:func:`fntk.baselines.finetune_cv`), then refit on all nx pixels.
 - ``finetune_all``: all layers, the same loss and protocol with learning rates {1e-4, 1e-3}.
-- ``rbf_gp``: an RBF-kernel GP on the 2016 pixels only (hyperparameters by L-BFGS).
+- ``rbf_gp``: an ARD RBF-kernel GP on the 2016 pixels only (:func:`fntk.baselines.rbf_gp`, five
+  starts of the evidence search).
 
 Metrics on the test pixels: MSE, Gaussian NLL (predictive variance including noise), 95% coverage.
 Figures: maps of the 2016 truth, the source prediction, the NTK-GP mean and standard deviation
@@ -45,25 +49,30 @@ from torch import Tensor, nn
 from fntk import baselines, metrics
 from fntk.data.malaria import MalariaYear, malaria_transfer
 from fntk.data.nets import heteroscedastic_mean_var, heteroscedastic_mlp, heteroscedastic_nll
+from fntk.experiments import model_choice
 from fntk.experiments.common import (
     RunConfig,
     default_threads,
     errorbars_by_method,
     experiment_grid,
     finish,
+    format_table,
     progress,
     pyplot,
     save_figure,
     say,
     seeded,
-    summary_table,
+    summarize,
     torch_threads,
     train_heteroscedastic_source,
 )
 from fntk.gp import NTKRegressor
 from fntk.linearize import Linearized
 
-METHODS = ("source", "ntk_gp", "ntk_gp_paper", "finetune_last", "finetune_all", "rbf_gp")
+METHODS = ("source", *model_choice.METHODS, "ntk_gp_paper", "finetune_last", "finetune_all", "rbf_gp")
+VARIANCE_OUTPUT = 1  # the heteroscedastic net's raw variance: softplus link
+FIGURE_METHODS = ("source", "ntk_gp", "ntk_gp_network", "ntk_gp_paper", "finetune_last", "finetune_all",
+                  "rbf_gp")
 METRICS = ("mse", "nll", "coverage", "seconds")
 FULL = {"seeds": 5, "nx": (10, 25, 50, 100, 250, 500), "n_source": 2000, "n_test": 5000,
         "source_epochs": 200, "finetune_epochs": (100, 300), "map_nx": 100, "map_stride": 1}
@@ -97,7 +106,7 @@ def _net_predictive(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ntk_gp(lin: Linearized, method: str) -> NTKRegressor:
     if method == "ntk_gp":
-        return NTKRegressor(lin, output=0)
+        return NTKRegressor(lin, output=0, variance_output=VARIANCE_OUTPUT)
     return NTKRegressor(lin, output=0, mean="constant", constant=0.0, scale=1.0,
                         noise=GPYTORCH_DEFAULT_NOISE, optimize=False)
 
@@ -117,7 +126,7 @@ def _predict(method: str, net: nn.Module, lin: Linearized, x: Tensor, y: Tensor,
     """
     if method == "source":
         return _net_predictive(net, xt)
-    if method.startswith("ntk_gp"):
+    if method == "ntk_gp_paper":
         return _predict_chunks(_ntk_gp(lin, method).fit(x, y), xt)[:2]
     if method in FINETUNE:
         spec = FINETUNE[method]
@@ -174,7 +183,7 @@ def _maps(target: MalariaYear, net: nn.Module, lin: Linearized, data: dict, unit
 def _mse_figure(rows: list[dict], nxs: tuple[int, ...], out: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    errorbars_by_method(ax, rows, METHODS, "nx", "mse")
+    errorbars_by_method(ax, rows, FIGURE_METHODS, "nx", "mse")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(list(nxs), [str(n) for n in nxs])
@@ -196,7 +205,17 @@ def _seed(cfg: RunConfig, grid: dict, nxs: tuple[int, ...], seed: int, records: 
     xt, yt = data["x_test"], data["y_test"]
     for nx in progress(nxs, f"malaria seed {seed}"):
         x, y = data["x_target"][:nx], data["y_target"][:nx]
+
+        def score(mean: Tensor, var: Tensor) -> dict:
+            return metrics.regression_metrics(mu + sd * mean, sd**2 * var, yt)
+
+        gp_recs, _ = model_choice.ntk_gp_records(
+            lin, x, y, xt, lambda reg, xs: _predict_chunks(reg, xs)[:2], score, {"nx": nx, "seed": seed},
+            variance_output=VARIANCE_OUTPUT, kw={"output": 0})
+        records += gp_recs
         for method in METHODS:
+            if method in model_choice.METHODS:
+                continue
             t0, info = time.perf_counter(), {}
             mean, var = _predict(method, net, lin, x, y, xt, tuple(grid["finetune_epochs"]), info)
             mean, var = mu + sd * mean, sd**2 * var
@@ -224,11 +243,16 @@ def run(cfg: RunConfig) -> dict:
     with torch_threads(default_threads(cfg)):
         for seed in seeds:
             _seed(cfg, grid, nxs, seed, records, figures)
-    rows, table = summary_table(records, ("nx", "method"), METRICS)
+    rows = summarize(model_choice.main_records(records), ("nx", "method"), METRICS)
+    rows.sort(key=lambda r: (r["nx"], METHODS.index(r["method"])))
+    table = format_table(rows, ("nx", "method"), METRICS)
+    choice_rows, choice = model_choice.choice_table(records, ("nx",), ("mse", "nll"))
     figures.append(str(_mse_figure(rows, nxs, cfg.out)))
     say(f"malaria 2012 → 2016 (Kenya): {len(seeds)} seeds, test on {grid['n_test']} pixels of 2016 "
         "(mean ± std over seeds; seconds per fit+predict)")
     say(table)
+    say("model choice: every candidate (mean ± std over seeds), how often each criterion chose it")
+    say(choice)
     results = {
         "experiment": "malaria",
         "units": "incidence, cases per person-year (methods work on 2012-standardised values)",
@@ -238,6 +262,8 @@ def run(cfg: RunConfig) -> dict:
         "methods": list(METHODS),
         "summary": rows,
         "table": table,
+        "choice_summary": choice_rows,
+        "choice_table": choice,
         "records": records,
         "figures": figures,
     }

@@ -8,22 +8,27 @@ labelled points (default 10) and is scored on a dense noiseless grid of 200 poin
 Methods (all see exactly the same data):
 
 - ``source``: the source network unchanged.
-- ``ntk_gp_function``: :class:`fntk.NTKRegressor` on the source network (all 1,761 parameters)
-  with a constant prior mean as in the paper's code, in function space (the n × n kernel); scale,
-  noise and constant learned by marginal likelihood.
-- ``ntk_gp_weight``: the same GP computed in weight space (p × p, push-through identity) at the
+- ``ntk_gp``: :class:`fntk.NTKRegressor` on the source network (all 1,761 parameters) with its
+  default model choice (the candidate set of :func:`fntk.gp.default_candidates`, hyperpriors, the
+  best leave-one-out predictive); ``ntk_gp_evidence``, ``ntk_gp_marglik``, ``oracle`` and the
+  ``cand:<model>`` records: the other criteria and every candidate on the same fits
+  (:mod:`fntk.experiments.model_choice`).
+- ``ntk_gp_network``: the plain NTK-GP with prior mean f(x; θ̂) + b, scale, noise and b by the
+  marginal likelihood (the library default before the model choice).
+- ``ntk_gp_constant``: the same with a constant prior mean as in the paper's code, in function
+  space (the n × n kernel).
+- ``ntk_gp_weight``: that GP computed in weight space (p × p, push-through identity) at the
   hyperparameters learned in function space: a check that both spaces give the same posterior
   (their log marginal likelihoods are recorded per task). Learning the hyperparameters in weight
   space needs an eigendecomposition of the 1,761 × 1,761 JᵀJ per task (≈2.5 s each here, which
   would triple the run); with n = 10 ≪ p, ``space="auto"`` rightly picks function space.
-- ``ntk_gp_netmean``: the same in function space with the library's default prior mean
-  f(x; θ̂) + b (the source network's own prediction plus a constant).
 - ``finetune_all``: Adam on all layers, full batch, lr 1e-2, 200 steps.
 - ``finetune_last``: Adam on the last layer only, full batch, lr 3e-2, 200 steps.
 - ``ablr``: :class:`fntk.baselines.ABLR`, a 1-40-40-50 tanh feature net trained by marginal
   likelihood on the same single source task (1,000 Adam steps), then Bayesian linear regression
   with the target's own (α, β) on the frozen features.
-- ``rbf_gp``: an RBF-kernel GP on the target points only (hyperparameters by L-BFGS).
+- ``rbf_gp``: an ARD RBF-kernel GP on the target points only (:func:`fntk.baselines.rbf_gp`: five
+  starts of the evidence search, the best kept).
 
 Point predictors (source, fine-tuning) get a homoscedastic Gaussian whose variance is their mean
 squared residual on the data they were last trained on (floored at 1e-4), so NLL and coverage can be
@@ -43,19 +48,21 @@ from torch import Tensor, nn
 from fntk import baselines, metrics
 from fntk.data import sine as sine_data
 from fntk.data.nets import mlp
+from fntk.experiments import model_choice
 from fntk.experiments.common import (
     RunConfig,
     cached_state,
     default_threads,
     experiment_grid,
     finish,
+    format_table,
     progress,
     pyplot,
     residual_variance,
     save_figure,
     say,
     seeded,
-    summary_table,
+    summarize,
     torch_threads,
 )
 from fntk.gp import NTKRegressor
@@ -64,9 +71,9 @@ from fntk.linearize import Linearized
 SETTINGS = ("sine", "linear")
 METHODS = (
     "source",
-    "ntk_gp_function",
+    *model_choice.METHODS,
+    "ntk_gp_constant",
     "ntk_gp_weight",
-    "ntk_gp_netmean",
     "finetune_all",
     "finetune_last",
     "ablr",
@@ -81,12 +88,8 @@ FINETUNE = {
     "finetune_all": {"params": "all", "lr": 1e-2, "epochs": 200},
     "finetune_last": {"params": "last", "lr": 3e-2, "epochs": 200},
 }
-#: method → (space, prior mean) of the NTKRegressor
-NTK_GP = {
-    "ntk_gp_function": ("function", "constant"),
-    "ntk_gp_weight": ("weight", "constant"),
-    "ntk_gp_netmean": ("function", "network"),
-}
+#: method → space of the constant-mean NTKRegressor (the paper's model)
+NTK_GP = {"ntk_gp_constant": "function", "ntk_gp_weight": "weight"}
 SOURCE_LR = 1e-2
 ABLR_TARGET_STEPS = 100  # Adam steps (lr 0.1) on the target task's own log α, log β
 FIGURE_TASKS = 4
@@ -139,15 +142,15 @@ def _predict(
         with torch.no_grad():
             mean = net(xt)[:, 0]
         return mean, torch.full_like(mean, source_var), None
-    if method.startswith("ntk_gp"):
-        space, mean = NTK_GP[method]
+    if method in NTK_GP:
+        space = NTK_GP[method]
         if method == "ntk_gp_weight":  # at the function-space fit's hyperparameters
-            reg = NTKRegressor(lin, space=space, mean=mean, optimize=False, **shared["hyper"])
+            reg = NTKRegressor(lin, space=space, mean="constant", optimize=False, **shared["hyper"])
         else:
-            reg = NTKRegressor(lin, space=space, mean=mean)
+            reg = NTKRegressor(lin, space=space, mean="constant")
         post = reg.fit(x, y).predict(xt)
         shared["lml"] = float(reg.log_marginal_likelihood())
-        if method == "ntk_gp_function":
+        if method == "ntk_gp_constant":
             shared["hyper"] = {"scale": reg.scale_, "noise": reg.noise_, "constant": reg.constant_}
         return post.mean, post.predictive_variance, post.stddev
     if method in FINETUNE:
@@ -163,6 +166,11 @@ def _predict(
         pred = baselines.rbf_gp(x, y, xt, steps=100, optimizer="lbfgs")
         return pred.mean, pred.predictive_variance, None
     raise ValueError(f"unknown method {method!r}")
+
+
+def _gp_predict(reg: NTKRegressor, xt: Tensor) -> tuple[Tensor, Tensor]:
+    post = reg.predict(xt)
+    return post.mean, post.predictive_variance
 
 
 def _run_setting(cfg: RunConfig, kind: str, seed: int, grid: dict, curves: list) -> list[dict]:
@@ -182,19 +190,28 @@ def _run_setting(cfg: RunConfig, kind: str, seed: int, grid: dict, curves: list)
         curve: dict[str, Any] = {"setting": kind, "task": t, "x": task.x_train, "y": task.y_train,
                                  "xt": task.x_test, "yt": task.y_test, "means": {}}
         shared: dict = {}
+        base = {"setting": kind, "seed": seed, "task": t}
+        gp_recs, auto = model_choice.ntk_gp_records(
+            lin, task.x_train, task.y_train, task.x_test, _gp_predict,
+            lambda m, v, yt=task.y_test: metrics.regression_metrics(m, v, yt), base)
+        records += gp_recs
+        if keep:
+            post = auto.predict(task.x_test)
+            curve["means"]["ntk_gp"] = post.mean.detach()
+            curve["band"] = (post.mean - 2 * post.stddev, post.mean + 2 * post.stddev)
         for method in METHODS:
+            if method in model_choice.METHODS:
+                continue
             start = time.perf_counter()
             mean, var, std = _predict(method, task, net, lin, ablr, source_var, shared)
             seconds = time.perf_counter() - start
-            rec = {"setting": kind, "seed": seed, "task": t, "method": method, "seconds": seconds}
-            if method.startswith("ntk_gp"):
+            rec = {**base, "method": method, "seconds": seconds}
+            if method in NTK_GP:
                 rec["log_marginal_likelihood"] = shared.pop("lml")
             rec.update(metrics.regression_metrics(mean, var, task.y_test))
             records.append(rec)
-            if keep:
+            if keep and method != "ntk_gp_weight":
                 curve["means"][method] = mean.detach()
-                if method == "ntk_gp_function":
-                    curve["band"] = (mean - 2 * std, mean + 2 * std)
         if keep:
             curves.append(curve)
     return records
@@ -206,8 +223,8 @@ def _figure(curves: list[dict], out: Path) -> Path:
     rows = sorted({c["setting"] for c in curves}, key=SETTINGS.index)
     cols = max(sum(c["setting"] == r for c in curves) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.6 * cols, 3.0 * len(rows)), squeeze=False)
-    styles = {"source": ("tab:gray", "--"), "ntk_gp_function": ("tab:red", "-"),
-              "ntk_gp_weight": ("darkred", ":"), "ntk_gp_netmean": ("tab:orange", "-"),
+    styles = {"source": ("tab:gray", "--"), "ntk_gp": ("tab:red", "-"),
+              "ntk_gp_constant": ("darkred", ":"), "ntk_gp_network": ("tab:orange", "-"),
               "finetune_all": ("tab:blue", "-"), "finetune_last": ("tab:cyan", "-"),
               "ablr": ("tab:green", "-"), "rbf_gp": ("tab:purple", "-")}
     for r, setting in enumerate(rows):
@@ -236,7 +253,7 @@ def _figure(curves: list[dict], out: Path) -> Path:
 def _space_agreement(records: list[dict]) -> dict[str, float]:
     """Max relative difference between the function- and weight-space GPs over all tasks."""
     key = ("setting", "seed", "task")
-    f = {tuple(r[k] for k in key): r for r in records if r["method"] == "ntk_gp_function"}
+    f = {tuple(r[k] for k in key): r for r in records if r["method"] == "ntk_gp_constant"}
     w = {tuple(r[k] for k in key): r for r in records if r["method"] == "ntk_gp_weight"}
     out = {}
     for m, name in (("log_marginal_likelihood", "lml"), ("mse", "mse")):
@@ -260,11 +277,16 @@ def run(cfg: RunConfig) -> dict:
             for seed in seeds:
                 records += _run_setting(cfg, kind, seed, grid, curves)
         figure = _figure(curves, cfg.out)
-    rows, table = summary_table(records, ("setting", "method"), METRICS)
+    rows = summarize(model_choice.main_records(records), ("setting", "method"), METRICS)
+    rows.sort(key=lambda r: (SETTINGS.index(r["setting"]), METHODS.index(r["method"])))
+    table = format_table(rows, ("setting", "method"), METRICS)
+    choice_rows, choice = model_choice.choice_table(records, ("setting",), ("mse", "nll"))
     agreement = _space_agreement(records)
     say(f"sine transfer: {grid['tasks']} target tasks × {len(seeds)} seeds, nx = {grid['nx']} "
         "(mean ± std over tasks and seeds; seconds per task)")
     say(table)
+    say("model choice: every candidate (mean ± std over tasks and seeds), how often each criterion chose it")
+    say(choice)
     say(f"function vs weight space at the same hyperparameters: max relative difference of the log "
         f"marginal likelihood {agreement['lml']:.1e}, of the test MSE {agreement['mse']:.1e}")
     results = {
@@ -274,6 +296,8 @@ def run(cfg: RunConfig) -> dict:
         "methods": list(METHODS),
         "summary": rows,
         "table": table,
+        "choice_summary": choice_rows,
+        "choice_table": choice,
         "space_agreement": agreement,
         "records": records,
         "figures": [str(figure)],
