@@ -7,7 +7,14 @@ of every method, what AUTO picked, the error against STRUCTURED, and STRUCTURED'
 (matmul/conv flops counted by torch's FlopCounterMode) as a fraction of a plain float64 matmul
 of the same flop count. Methods whose estimated time exceeds the cap are skipped (noted).
 
-    python -m fntk_bench.bench_ntk [--quick]
+Two more studies (issue 17), float32, one thread: ``small`` — the fixed cost of ``fntk.ntk`` at
+small n (MLP, n = 500: the planner, the taps, the Grams, a first call with the probes) against one
+float32 matmul of the same counted flops; ``gemm`` — the float32 products of the structured NTK's
+shapes by torch's default matmul (MKL sgemm), by oneDNN in strict float32 and by oneDNN with its
+bf16 arithmetic for float32 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``): GFLOP/s
+and the error against float64.
+
+    python -m fntk_bench.bench_ntk [--quick] [--studies grid small gemm]
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fntk
+from fntk.linearize.taps import features
+from fntk.ntk import methods, structured
+from fntk.ntk.blocks import Outputs
 from fntk.ntk.methods import choose_method
 from fntk_bench.common import machine_note, mlp, write_section
 from fntk_bench.tutorial_ntk import tutorial_contraction, tutorial_ntk_vps
@@ -157,13 +167,109 @@ def fmt(r):
     return f"{r['t']:.2f} s / {r['mem'] / 2**20:.0f} MiB"
 
 
+def _best(fn, rounds: int = 15) -> float:
+    fn()
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def small_study(rounds: int) -> str:
+    """fntk.ntk on the MLP at n = 500 (float32, full outputs) against one matmul of its flops."""
+    net = mlp([2, 500, 500, 1], dtype=torch.float32)
+    x = torch.randn(500, 2)
+    lin = fntk.Linearized(net)
+    K = fntk.ntk(lin, x)
+    xc, spec = lin.check_input(x), Outputs.parse("full", 1)
+    an = structured.analyze(lin, xc)
+    pl = structured.plan(lin, an, 500, 500, True, spec, lin.memory_budget)
+    E = spec.cotangents(500, lin.dtype, lin.device)
+    with FlopCounterMode(display=False) as fc:
+        fntk.ntk(lin, x)
+    flops = fc.get_total_flops()
+    gram = 2 * 500 * 500 * sum((L.d_in + 1) + L.d_out for L in an.layers if L.weight)  # pair products
+    t = {
+        "fntk.ntk (probed Linearized)": _best(lambda: fntk.ntk(lin, x), rounds),
+        "first call (new Linearized: probes, layer analysis)":
+            _best(lambda: fntk.ntk(fntk.Linearized(net), x), 3),
+        "planner (prepare + choose_method)": _best(lambda: methods._choose(
+            lin, *methods.prepare(lin, x, None, "full", None)), rounds),
+        "taps (one forward, one backward)": _best(lambda: features(lin, an, pl.modes, E, xc), rounds),
+    }
+    m32 = torch.randn(500, max(1, round(flops / (2 * 500 * 500))))
+    mg = torch.randn(500, max(1, round(gram / (2 * 500 * 500))))
+    ref = {"one float32 matmul of all counted flops": _best(lambda: m32 @ m32.T, rounds),
+           "one float32 matmul of the Gram flops alone": _best(lambda: mg @ mg.T, rounds)}
+    lines = [f"MLP 2-500-500-1, n = 500, float32, K (500 × 500), modes {pl.modes}; {flops / 1e9:.2f} "
+             "GFLOP counted by FlopCounterMode (the taps' forward/backward and the Grams; "
+             f"{gram / 1e9:.2f} GFLOP in the Grams). Best of {rounds}. " + machine_note(), "",
+             "| part | seconds | / matmul of all flops | / matmul of the Gram flops |", "|---|---|---|---|"]
+    for name, sec in {**t, **ref}.items():
+        lines.append(f"| {name} | {sec:.4f} | {sec / ref['one float32 matmul of all counted flops']:.2f} "
+                     f"| {sec / ref['one float32 matmul of the Gram flops alone']:.2f} |")
+    assert K.shape == (500, 500)
+    return "\n".join(lines)
+
+
+def gemm_study(rounds: int) -> str:
+    """float32 Gram products of the structured NTK's shapes: default matmul, oneDNN strict, oneDNN bf16."""
+    mk = torch.backends.mkldnn
+    shapes = [(2000, 500, 2000), (2000, 501, 2000), (5000, 500, 5000), (1000, 3136, 1000)]
+    lines = ["| (m, q, n) | matmul (MKL) GFLOP/s | oneDNN fp32 GFLOP/s | oneDNN bf16 math GFLOP/s "
+             "| rel. error matmul | oneDNN fp32 | oneDNN bf16 |", "|---|---|---|---|---|---|---|"]
+    old = getattr(getattr(mk, "matmul", None), "fp32_precision", None)
+
+    def onednn(A, B):
+        return torch.ops.mkldnn._linear_pointwise(A, B, None, "none", [], "")
+
+    for m, q, n in shapes:
+        A, B = torch.randn(m, q), torch.randn(n, q)
+        ref = A.double() @ B.double().T
+        rates, errs = [], []
+        for how in ("mkl", "onednn", "bf16"):
+            if how == "bf16" and old is None:
+                rates.append(math.nan)
+                errs.append(math.nan)
+                continue
+            if how == "bf16":
+                mk.matmul.fp32_precision = "bf16"
+            try:
+                fn = (lambda A=A, B=B: A @ B.T) if how == "mkl" else (lambda A=A, B=B: onednn(A, B))
+                sec = _best(fn, rounds)
+                errs.append(float((fn().double() - ref).norm() / ref.norm()))
+                rates.append(2 * m * q * n / sec / 1e9)
+            finally:
+                if how == "bf16":
+                    mk.matmul.fp32_precision = old
+        lines.append(f"| ({m}, {q}, {n}) | " + " | ".join(f"{r:.0f}" for r in rates) + " | "
+                     + " | ".join(f"{e:.1e}" for e in errs) + " |")
+    return (f"float32 A Bᵀ, best of {rounds}. " + machine_note() + "\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="MLP n in {500, 2000}, CNN n = 100; 30 s cap")
     ap.add_argument("--cap", type=float, default=None, help="skip a method when its estimate exceeds this")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
+    ap.add_argument("--studies", nargs="+", default=["grid"], choices=["grid", "small", "gemm"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick else 15
+    if "small" in args.studies:
+        body = small_study(rounds)
+        print(body)
+        if not args.quick:
+            write_section("NTK at small n: fixed costs (issue 17)", body)
+    if "gemm" in args.studies:
+        body = gemm_study(rounds)
+        print(body)
+        if not args.quick:
+            write_section("float32 GEMM backends (issue 17)", body)
+    if "grid" not in args.studies:
+        return
     cap = args.cap or (30.0 if args.quick else 100.0)
     load0, t_start = os.getloadavg(), time.perf_counter()
     torch.manual_seed(0)
