@@ -10,7 +10,7 @@ units of the GP (residual variance 1):
                              source net's own noise, w = 1), else θ₀ = 1e-3, w = 3 (about
                              log-uniform over the allowed 1e-6 … 1; on the 120 sine tasks it gave
                              test NLL −0.71 / −0.56 against 0.07 / 0.22 with θ₀ = 0.1, w = 2:
-                             python -m fntk_bench.noise_prior_sweep)
+                             python -m fntk_bench.model_choice_sine)
     noise multiplier c       θ₀ = 1 (trust the source variance), w = 1
 
 Wide on the scales; what they mainly do is keep σ² off the 1e-6 floor that the plain evidence

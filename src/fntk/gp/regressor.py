@@ -78,7 +78,7 @@ class NTKRegressor:
             :mod:`fntk.gp.models`), a :class:`~fntk.gp.models.GPModel`, or a list of them to choose
             among. The choice runs for one output in function space with the direct solver and
             every hyperparameter learned (given ``scale``/``constant`` or ``optimize`` ≠ True keep
-            the plain ``"network"`` model), on at least 5 points; composite candidates (input
+            the plain ``"network"`` model), on at least 10 points; composite candidates (input
             kernel, source noise) only up to n = 2,000 points in the automatic set.
         variance_output, variance_link: the output of a heteroscedastic net that gives its
             variance σ²_src(x) = link(f_v(x)) (link ``"softplus"`` | ``"exp"`` | ``"identity"``),
