@@ -266,7 +266,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"inference must be one of \['map', 'laplace', 'vi'\], got 'ep'"):
         LinearizedClassifier(model, inference="ep")
     for bad in ("evidence", -1.0, 0, float("nan")):
-        with pytest.raises(ValueError, match="prior_precision must be 'marglik' or a positive float"):
+        with pytest.raises(ValueError, match="prior_precision must be 'marglik', 'cv' or a positive float"):
             LinearizedClassifier(model, prior_precision=bad)
     with pytest.raises(ValueError, match="link_approx must be one of"):
         LinearizedClassifier(model, link_approx="laplace-bridge")

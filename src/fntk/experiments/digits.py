@@ -96,7 +96,7 @@ QUICK = {
     "ms": (10, 30),  # m = 30: three labels per class, the fewest 3-fold CV takes
     "targets": ("usps", "sklearn"),
     "n_test": 100,
-    "methods": ("source", "logreg_last", "laplace_last", "map_all", "laplace_all", "map_cv_last"),
+    "methods": ("source", "logreg_last", "laplace_last", "map_cv_last", "map_all", "laplace_all"),
     "all_params_max_m": 10,
     "seeds_per_m": {},
 }
