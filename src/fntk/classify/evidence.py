@@ -20,11 +20,26 @@ class MarglikInfo:
     converged: bool = False
 
 
+#: the range of the initial λ (see :func:`initial_precision`)
+LAM0_RANGE = (1e-3, 1e4)
+
+
+def initial_precision(backend) -> float:
+    """p / ‖θ̂‖², the precision of an isotropic Gaussian with the source weights' second moment,
+    clamped to LAM0_RANGE (1 when θ̂ = 0): the start of the search. Measured on the digit
+    transfer (last layer, m = 100 / 500): 5 / 6 evidence evaluations against 7 / 8 from λ = 1."""
+    theta = backend.lin.theta.double()
+    sq = float(theta.square().sum())
+    if not (sq > 0 and math.isfinite(sq)):
+        return 1.0
+    return min(max(theta.numel() / sq, LAM0_RANGE[0]), LAM0_RANGE[1])
+
+
 def optimize_prior_precision(
     backend: FunctionSpace | WeightSpace,
     tol: float,
     max_iter: int,
-    lam0: float = 1.0,
+    lam0: float | None = None,
     rtol: float = 1e-3,
     slope_tol: float = 1e-6,
     max_steps: int = 40,
@@ -43,7 +58,10 @@ def optimize_prior_precision(
     once D has changed sign, secant steps kept inside the bracket (bisection otherwise);
     |Δρ| ≤ ``max_step``, each step refitting the MAP warm-started, until |D| ≤ ``slope_tol`` or
     |Δρ| < ``rtol`` (λ may end at a bound when the evidence is monotone, e.g. λ → ∞ when the source
-    network already explains the data). Returns (λ, the MAP fit at λ, the history)."""
+    network already explains the data). The search starts at ``lam0`` (default
+    :func:`initial_precision`). Returns (λ, the MAP fit at λ, the history)."""
+    if lam0 is None:
+        lam0 = initial_precision(backend)
     lo_b, hi_b = math.log(bounds[0]), math.log(bounds[1])
     rho, ml = math.log(lam0), MarglikInfo()
     info = backend.fit(math.exp(rho), tol, max_iter)
