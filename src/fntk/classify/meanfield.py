@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fntk.classify.vi import VIResult, antithetic_normals, expected_loglik
-from fntk.likelihoods import Likelihood
+from fntk.likelihoods import Likelihood, resolve
 from fntk.linalg import run_lbfgs
 from fntk.linearize import Linearized
 
@@ -66,11 +66,13 @@ def kl_meanfield(m: Tensor, log_s: Tensor, mu0: Tensor, lam: float) -> Tensor:
 
 
 def diagonal_laplace_scale(
-    lin: Linearized, x: Tensor, y: Tensor, lik: Likelihood, w: Tensor, lam: float, cache: list | None = None
+    lin: Linearized, x: Tensor, y: Tensor, lik: Likelihood | str, w: Tensor, lam: float,
+    cache: list | None = None,
 ) -> Tensor:
     """s = (λ + diag(Σ_i J_iᵀ H_i J_i))^-½ at the linearized logits f_lin(x; w): the diagonal Laplace
     approximation at w, the natural start of mean-field VI from the MAP. (p,) float64. ``cache``:
     a list shared with :func:`fit_meanfield`, so that a J that fits the budget is formed once."""
+    lik = resolve(lik, "lik")
     f0, theta = lin.forward(x).to(F64), lin.theta.to(F64)
     diag = torch.full_like(theta, lam)
     for s, J in _jacobian_chunks(lin, x, cache):
@@ -85,7 +87,7 @@ def fit_meanfield(
     lin: Linearized,
     x: Tensor,
     y: Tensor,
-    lik: Likelihood,
+    lik: Likelihood | str,
     mu0: Tensor,
     lam: float,
     m_init: Tensor,
@@ -100,7 +102,8 @@ def fit_meanfield(
     r"""Maximise the mean-field ELBO over (m, log s) by L-BFGS (see the module docstring).
 
     Args:
-        lin: the linearized model; x: checked inputs (n, ...); y: checked targets; lik: likelihood.
+        lin: the linearized model; x: checked inputs (n, ...); y: checked targets; lik: likelihood
+            (an object or its name, :func:`fntk.likelihoods.resolve`).
         mu0: prior mean (p,); lam: prior precision λ.
         m_init, s_init: initial mean and standard deviations (p,).
         num_samples: S logit draws per point (fixed, ± pairs); max_iter, tol: see
@@ -109,6 +112,7 @@ def fit_meanfield(
 
     Returns a :class:`~fntk.classify.vi.VIResult` with ``mean`` = m and ``scale`` = s (both (p,)).
     """
+    lik = resolve(lik, "lik")
     n, k = x.shape[0], lin.num_outputs
     f0, theta = lin.forward(x).to(F64), lin.theta.to(F64)
     mu0 = mu0.to(F64)

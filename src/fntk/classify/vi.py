@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fntk import persist
-from fntk.likelihoods import Likelihood
+from fntk.likelihoods import Likelihood, resolve
 from fntk.linalg import autograd_evaluate, run_lbfgs, safe_cholesky
 
 F64 = torch.float64
@@ -67,9 +67,10 @@ def kl_to_prior(mu: Tensor, C: Tensor, lam: float) -> Tensor:
     )
 
 
-def expected_loglik(lik: Likelihood, y: Tensor, mean: Tensor, Sig: Tensor, xi: Tensor) -> Tensor:
+def expected_loglik(lik: Likelihood | str, y: Tensor, mean: Tensor, Sig: Tensor, xi: Tensor) -> Tensor:
     """Σ_i E_{f_i ~ N(mean_i, Σ_i)} log p(y_i | f_i) by the fixed draws f_is = mean_i + chol(Σ_i) ε_is:
     mean (n, k), Σ (n, k, k), ε (n, S, k). Differentiable in mean and Σ."""
+    lik = resolve(lik, "lik")
     n, S, k = xi.shape
     # Σ_i may be singular (rank < k). A fixed *relative* jitter, 1e-9·mean diag(Σ_i) (plus the
     # smallest normal float, for Σ_i = 0), far below the Monte Carlo error, keeps chol defined at
@@ -93,9 +94,10 @@ def expected_loglik(lik: Likelihood, y: Tensor, mean: Tensor, Sig: Tensor, xi: T
 
 
 def elbo(
-    lik: Likelihood, y: Tensor, m0: Tensor, Phi: Tensor, mu: Tensor, C: Tensor, lam: float, xi: Tensor
+    lik: Likelihood | str, y: Tensor, m0: Tensor, Phi: Tensor, mu: Tensor, C: Tensor, lam: float, xi: Tensor
 ) -> Tensor:
     """The sample-average ELBO: m0 (n, k), Φ (n, k, r), μ (r,), C (r, r), ε (n, S, k)."""
+    lik = resolve(lik, "lik")
     A = Phi @ C  # (n, k, r)
     return expected_loglik(lik, y, m0 + Phi @ mu, A @ A.mT, xi) - kl_to_prior(mu, C, lam)
 
@@ -108,7 +110,7 @@ def antithetic_normals(n: int, num_samples: int, k: int, seed: int, device: torc
 
 
 def fit_vi(
-    lik: Likelihood,
+    lik: Likelihood | str,
     y: Tensor,
     m0: Tensor,
     Phi: Tensor,
@@ -124,7 +126,8 @@ def fit_vi(
     r"""Maximise the ELBO over (μ, C) by L-BFGS (strong Wolfe), one iteration at a time.
 
     Args:
-        lik, y: likelihood and checked targets of the n training points.
+        lik, y: likelihood (an object or its name, :func:`fntk.likelihoods.resolve`) and checked
+            targets of the n training points.
         m0: prior-mean logits (n, k); Phi: Φ = J U (n, k, r).
         lam: prior precision λ.
         mu0, C0: initial mean (r,) and lower-triangular scale (r, r) (default: the prior).
@@ -132,6 +135,7 @@ def fit_vi(
         max_iter: L-BFGS iterations; tol: stop when the ELBO changes by less than tol·(1 + |ELBO|).
         seed: seeds the fixed ξ; callback: see :func:`run_lbfgs`.
     """
+    lik = resolve(lik, "lik")
     n, k, r = Phi.shape
     xi = antithetic_normals(n, num_samples, k, seed, Phi.device)
     mu = (torch.zeros(r, dtype=F64) if mu0 is None else mu0.clone()).to(Phi.device).requires_grad_(True)
@@ -151,8 +155,9 @@ def fit_vi(
     return VIResult(mu.detach(), C, history, history[-1], converged, len(history) - 1)
 
 
-def laplace_init(lik: Likelihood, y: Tensor, m0: Tensor, Phi: Tensor, lam: float, u: Tensor):
+def laplace_init(lik: Likelihood | str, y: Tensor, m0: Tensor, Phi: Tensor, lam: float, u: Tensor):
     """The Laplace approximation in the subspace at u: (u, chol((λI + Σ Φ_iᵀ H_i Φ_i)⁻¹))."""
+    lik = resolve(lik, "lik")
     f = m0 + Phi @ u
     Q, ev = lik.pure_factors(f, y)
     B = torch.einsum("nkm,nkr->nmr", Q * ev.clamp_min(0).sqrt()[:, None, :], Phi).reshape(-1, Phi.shape[2])

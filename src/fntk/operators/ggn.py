@@ -41,7 +41,7 @@ import math
 import torch
 from torch import Tensor
 
-from fntk.likelihoods import Likelihood
+from fntk.likelihoods import Likelihood, resolve
 from fntk.linearize import Linearized
 from fntk.linearize.tapped import TappedJacobian, tapped_layers
 from fntk.linearize.taps import analyze
@@ -59,7 +59,10 @@ class GGNOperator(SymmetricWeightOperator):
     Args:
         lin: the :class:`~fntk.Linearized` model (defines θ̂ and the p selected parameters).
         x: inputs (n, ...).
-        likelihood: a :class:`~fntk.likelihoods.Likelihood` (gives H_i and the KL).
+        likelihood: a :class:`~fntk.likelihoods.Likelihood` (gives H_i and the KL), or its name:
+            ``"gaussian"`` (σ = 1), ``"heteroscedastic_gaussian"``, ``"categorical"``,
+            ``"bernoulli"``, ``"poisson"`` (:func:`fntk.likelihoods.resolve`; an unknown name is
+            refused listing the valid ones).
         y: targets (n, ...); optional unless the likelihood's Hessian depends on them
             (:class:`~fntk.likelihoods.GenericLikelihood`).
         method: ``"exact"`` | ``"finite_difference"`` | ``"autograd"`` (see the module docstring).
@@ -77,7 +80,7 @@ class GGNOperator(SymmetricWeightOperator):
         self,
         lin: Linearized,
         x: Tensor,
-        likelihood: Likelihood,
+        likelihood: Likelihood | str,
         y: Tensor | None = None,
         method: str = "exact",
         reduction: str = "sum",
@@ -90,10 +93,7 @@ class GGNOperator(SymmetricWeightOperator):
         if not _checked:
             if not isinstance(lin, Linearized):
                 raise TypeError(f"lin must be a fntk.Linearized, got {type(lin).__name__}")
-            if not isinstance(likelihood, Likelihood):
-                raise TypeError(
-                    f"likelihood must be a fntk.likelihoods.Likelihood, got {type(likelihood).__name__}"
-                )
+            likelihood = resolve(likelihood)  # a name ("categorical", ...) → its default object
             if method not in METHODS:
                 raise ValueError(f"method must be one of {METHODS}, got {method!r}")
             if reduction not in REDUCTIONS:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fntk.likelihoods import Likelihood
+from fntk.likelihoods import Likelihood, resolve
 from fntk.linearize import Linearized
 from fntk.linearize.taps import analyze, features
 
@@ -53,7 +53,7 @@ def _layer_params(L) -> list[str]:
 def ggn_diagonal(
     lin: Linearized,
     x: Tensor,
-    likelihood: Likelihood,
+    likelihood: Likelihood | str,
     y: Tensor | None = None,
     reduction: str = "sum",
     structured: bool = True,
@@ -61,9 +61,11 @@ def ggn_diagonal(
 ) -> Tensor:
     r"""Exact diag(G) (p,), G = s Σ_i J_iᵀ H_i J_i, without forming G.
 
+    ``likelihood``: a :class:`~fntk.likelihoods.Likelihood` or its name (:func:`fntk.likelihoods.resolve`).
     ``f``: the outputs (n, k) at which H is taken (then x and y must be checked already);
     ``structured=False`` uses per-example Jacobians for every parameter (slower; for checks).
     """
+    likelihood = resolve(likelihood)
     x, y, f = prepare(lin, x, likelihood, y, f)
     Q, lam = likelihood.pure_factors(f, y)  # (n, k, m), (n, m)
     n, m = f.shape[0], Q.shape[2]
@@ -119,12 +121,13 @@ def ggn_diagonal(
 def ggn_dense(
     lin: Linearized,
     x: Tensor,
-    likelihood: Likelihood,
+    likelihood: Likelihood | str,
     y: Tensor | None = None,
     reduction: str = "sum",
     f: Tensor | None = None,
 ) -> Tensor:
     r"""Dense G = s Σ_i B_iᵀ diag(λ_i) B_i (p, p), B_i = Q_iᵀ J_i, from chunks of per-example Jacobians."""
+    likelihood = resolve(likelihood)
     x, y, f = prepare(lin, x, likelihood, y, f)
     Q, lam = likelihood.pure_factors(f, y)
     n, k = f.shape
