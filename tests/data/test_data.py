@@ -50,6 +50,18 @@ def test_missing_file_names_expected_path(tmp_path):
         assert str(tmp_path / rel) in msg and "FNTK_DATA" in msg and "\n" not in msg
 
 
+def test_corrupt_pretrained_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / nets.LENET5_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 half a zip")  # a truncated download
+    with pytest.raises(ValueError, match="pretrained LeNet-5 file .*does not load") as e:
+        nets.load_pretrained_lenet5(tmp_path)
+    assert str(path) in str(e.value)
+    torch.save({"weight": torch.zeros(2)}, path)  # another network's weights
+    with pytest.raises(ValueError, match="does not load"):
+        nets.load_pretrained_lenet5(tmp_path)
+
+
 # ----------------------------------------------------------------------------- sine family
 def test_sine_task_is_seeded_and_hand_checkable():
     a = sine.sample_task(10, seed=3)

@@ -57,7 +57,7 @@ from fntk.classify.function_space import FunctionSpace
 from fntk.classify.labels import check_labels
 from fntk.classify.last_layer import LastLayer
 from fntk.classify.objective import F64, FitInfo, prior_mean_function
-from fntk.classify.predictive import glm_predictive
+from fntk.classify.predictive import glm_predictive, sample_logits
 from fntk.classify.weight_space import WeightSpace
 from fntk.errors import NotFittedError
 from fntk.likelihoods import Bernoulli, Categorical, Likelihood
@@ -424,6 +424,73 @@ class LinearizedClassifier:
             m0s, Phis, Kss = b.subspace_test(x)
             return _vi.predictive(m0s, Phis, Kss, self._vi.mean, self._vi.scale, self.prior_precision_)
         return b.predict(x, covariance=self.inference == "laplace", chunk=x.shape[0])
+
+    def predict_f_joint(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        r"""The *joint* predictive distribution of the logits at m test points x (m, *features):
+        mean (m, k) and covariance (m·k × m·k), in the model's dtype (``None`` for
+        ``inference="map"``, as :meth:`predict_f`).
+
+        Layout (point-major, as fntk's function-space vectors and :class:`~fntk.NTKOperator`): row
+        i·k + c is logit c at point i, so ``cov.reshape(m, k, m, k)[i, c, j, e]`` = Cov[f_c(x_i),
+        f_e(x_j)], and the (k × k) diagonal blocks are :meth:`predict_f`'s covariances. Laplace:
+        J(x) Σ J(x)ᵀ with Σ = (Jᵀ H(f*) J + λI)⁻¹ (low-rank Laplace: its Lanczos root plus the
+        prior elsewhere); VI: J(x) Σ_q J(x)ᵀ for the variational q(w) = N(m, Σ_q) (subspace: q on the
+        subspace, the prior outside it; mean-field: Σ_q = diag(s²)). The logits are linear in w, so
+        these Gaussians are exact under each posterior. The (m·k)² matrix is checked against the
+        memory budget before it is formed (:class:`~fntk.NTKMemoryError`)."""
+        with self._lock:
+            b = self._require_fit()
+            x = self.lin.check_input(x)
+            mean, cov = self._predict_joint(b, x)
+        dt = self.lin.dtype
+        return mean.to(dt), (None if cov is None else cov.to(dt))
+
+    def _predict_joint(self, b: Backend, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Mean (m, k) and joint covariance (m·k × m·k) in float64 at checked x (None for MAP)."""
+        m = x.shape[0]
+        if self.inference == "map":
+            return b.predict(x, covariance=False, chunk=max(m, 1))[0], None
+        cost.check_joint(self.lin, b, m)
+        if self.inference == "laplace":
+            return b.predict_joint(x)
+        if self.vi_family == "meanfield":
+            return _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale, joint=True)
+        m0s, Phis, Kss = b.subspace_test(x, joint=True)  # Kss: the whole K(x, x) (m·k × m·k)
+        mean, cov = _vi.predictive(m0s.reshape(1, -1), Phis.reshape(1, -1, Phis.shape[2]), Kss[None],
+                                   self._vi.mean, self._vi.scale, self.prior_precision_)
+        return mean.reshape(m, -1), 0.5 * (cov[0] + cov[0].T)
+
+    def sample(
+        self, x: Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""Joint functional samples of the logits f(x) at m test points x (m, *features) from the
+        posterior: (num_samples, m, k), in the model's dtype.
+
+        f_s = μ + A ε_s with (μ, Σ = A Aᵀ) = :meth:`predict_f_joint` (Laplace: N(f_lin(x; w*),
+        J Σ Jᵀ); VI: the variational posterior pushed through the linear logits), A the
+        eigendecomposition root (Σ may be singular, e.g. more test logits than parameters) and
+        ε_s ~ N(0, I_{m·k}) drawn with ``generator`` (a ``torch.Generator``; ``None``: torch's
+        default generator, as :meth:`fntk.gp.NTKPosterior.sample`) as ``torch.randn(m·k,
+        num_samples)``; the samples are joint across the test points, as the regressor's. The
+        classes: softmax (or the sigmoid for one logit) of each sample.
+
+        ``inference="map"`` is refused (ValueError): it has no posterior over the logits (every
+        sample would be :meth:`predict_f`'s mean); NTKRegressor and laplace-torch sample only from
+        a posterior too.
+        """
+        num_samples = positive_int("num_samples", num_samples)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if self.inference == "map":
+            raise ValueError(
+                "sample: inference='map' is a point estimate with no posterior over the logits (every "
+                "sample would equal predict_f(x)[0]); use inference='laplace' or 'vi' to sample"
+            )
+        with self._lock:
+            b = self._require_fit()
+            x = self.lin.check_input(x)
+            mean, cov = self._predict_joint(b, x)
+        return sample_logits(mean, cov, num_samples, generator).to(self.lin.dtype)
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (m, C) at x (m, *features): the GLM predictive E[softmax(f)] with

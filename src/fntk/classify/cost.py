@@ -152,5 +152,28 @@ def predict_rows(lin: Linearized, backend: object, inference: str, vi_family: st
     return chunk
 
 
-__all__ = ["choose", "estimate_seconds", "check_time", "predict_rows", "last_layer_plan", "LastLayerPlan",
-           "DENSE_MAX_PARAMS"]
+def check_joint(lin: Linearized, backend: object, m: int) -> None:
+    """Refuse (NTKMemoryError) a joint predictive covariance of m test points whose working set
+    does not fit the memory budget: the (m·k × m·k) covariance, its eigendecomposition and a copy
+    (3 (m·k)² float64 numbers) plus the m·k × N cross terms (N = n·k for function space, p
+    otherwise)."""
+    k = lin.num_outputs
+    mk = m * k
+    if getattr(backend, "space", None) == "function":
+        cross = backend.n * k + mk  # the kernel of [x; X] is (m + n)k square
+        cross *= cross / mk
+    else:
+        cross = lin.num_params * (k if getattr(backend, "space", None) == "last-layer" else 1)
+    need = F64_BYTES * (3 * mk * mk + mk * cross)
+    msg = over_memory(
+        f"the joint predictive covariance of m={m:,} test points × k={k} logits ({mk:,} × {mk:,})",
+        need, lin.memory_budget, "memory_budget",
+        "use predict_f (the per-point (k × k) covariances, in chunks), fewer test points, or a larger "
+        "memory_budget",
+    )
+    if msg is not None:
+        raise NTKMemoryError(msg)
+
+
+__all__ = ["choose", "estimate_seconds", "check_time", "predict_rows", "check_joint", "last_layer_plan",
+           "LastLayerPlan", "DENSE_MAX_PARAMS"]

@@ -176,6 +176,25 @@ class FunctionSpace:
                 covs.append(Kss - torch.einsum("jck,jcl->ckl", V, V))
         return torch.cat(means), (torch.cat(covs) if covariance else None)
 
+    def _joint_kernels(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(K(x, X) (m·k × n·k), K(x, x) (m·k × m·k)), float64 point-major, from one kernel of the
+        concatenation [x; X] (the per-point work of :func:`fntk.ntk` done once per point)."""
+        mk = x.shape[0] * self.k
+        K = kernel_matrix(self.lin, torch.cat([x, self.x]), None, cache=False)
+        return K[:mk, mk:], K[:mk, :mk]
+
+    def predict_joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Mean (m, k) and joint covariance (m·k × m·k, point-major) of the linearized logits at
+        checked x (m, ...): K̃** − Vᵀ V with V = R⁻¹ Lᵀ K̃(X, x*), K̃ = K/λ (its (k × k) diagonal
+        blocks are :meth:`predict`'s covariances)."""
+        lam, L, m, k = self.lam, self.terms.L, x.shape[0], self.k
+        Ks, Kss = self._joint_kernels(x)
+        Ks, Kss = Ks / lam, Kss / lam
+        mean = prior_mean_function(self.lin, x, self.mu0) + (Ks @ self.a).reshape(m, k)
+        V = lower_solve(self.R, self._Lt(L, Ks.T))  # (n·m', m·k)
+        cov = Kss - V.T @ V
+        return mean, 0.5 * (cov + cov.T)
+
     # --- the subspace for VI: top-r eigenvectors of K (J U = Q_r diag(√e_r))
     def subspace(self, r: int) -> tuple[Tensor, Tensor]:
         """(Φ_X = J(X) U (n, k, r'), u* = Uᵀ(w* − μ₀) (r',)), r' ≤ r dropping null directions."""
@@ -184,9 +203,14 @@ class FunctionSpace:
         Phi = (Q * e.sqrt()).reshape(self.n, self.k, -1)
         return Phi, e.sqrt() * (Q.T @ self.a) / self.lam
 
-    def subspace_test(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(m₀(x) (m, k), Φ(x) = J(x) U = K(x, X) Q_r diag(e_r^-½) (m, k, r), K(x_i, x_i) (m, k, k))."""
+    def subspace_test(self, x: Tensor, joint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(m₀(x) (m, k), Φ(x) = J(x) U = K(x, X) Q_r diag(e_r^-½) (m, k, r), K(x_i, x_i) (m, k, k));
+        ``joint=True``: the whole K(x, x) (m·k × m·k) instead of its diagonal blocks."""
         e, Q = self._sub
+        if joint:
+            Ks, Kss = self._joint_kernels(x)
+            Phis = (Ks @ Q / e.sqrt()).reshape(x.shape[0], self.k, -1)
+            return prior_mean_function(self.lin, x, self.mu0), Phis, Kss
         Phis, Kss = [], []
         for s, Ks, Kd in test_kernels(self.lin, x, self.x):
             Phis.append((Ks @ Q / e.sqrt()).reshape(s.stop - s.start, self.k, -1))

@@ -235,6 +235,19 @@ class LastLayer:
         mean = self._logits(self.Wm, Phi, f0)
         return mean, (self.factor.blocks(Phi) if covariance else None)
 
+    def predict_joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Mean (m, k) and joint covariance (m·k × m·k, point-major) of the logits at checked x:
+        Cov[f_c(x_j), f_e(x_i)] = vec(E_c φ̃_jᵀ)ᵀ P⁻¹ vec(E_e φ̃_iᵀ) (J(x_j) = I_k ⊗ φ̃_jᵀ; E_c the
+        c-th unit row), from one solve with the m·k matrices B_jc = E_c φ̃_jᵀ (k × d̃)."""
+        Phi, f0 = self.features(x)
+        m, k = Phi.shape[0], self.k
+        B = Phi.new_zeros(m, k, k, self.d)
+        idx = torch.arange(k, device=Phi.device)
+        B[:, idx, idx, :] = Phi[:, None, :]
+        X = self.factor.solve(B.reshape(m * k, k, self.d))  # (m·k, k, d̃)
+        cov = torch.einsum("jd,qcd->jcq", Phi, X).reshape(m * k, m * k)
+        return self._logits(self.Wm, Phi, f0), 0.5 * (cov + cov.T)
+
     def weights(self) -> Tensor:
         return self._flat(self.Wm)
 
@@ -256,12 +269,14 @@ class LastLayer:
         out[:, cc, torch.arange(V.shape[0], device=V.device)] = Phi @ V.T
         return out
 
-    def subspace_test(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(m₀(x) (c, k), Φ(x) = J(x) U (c, k, r), K(x_i, x_i) = ‖φ̃_i‖² I_k (c, k, k))."""
+    def subspace_test(self, x: Tensor, joint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(m₀(x) (c, k), Φ(x) = J(x) U (c, k, r), K(x_i, x_i) = ‖φ̃_i‖² I_k (c, k, k)); ``joint=True``:
+        the whole K(x, x) = (Φ̃ Φ̃ᵀ) ⊗ I_k (c·k × c·k, point-major)."""
         Phi, f0 = self.features(x)
         eye = torch.eye(self.k, dtype=F64, device=Phi.device)
         m0 = self._logits(self.M0, Phi, f0)
-        return m0, self._sub_features(Phi), Phi.square().sum(1)[:, None, None] * eye
+        K = torch.kron(Phi @ Phi.T, eye) if joint else Phi.square().sum(1)[:, None, None] * eye
+        return m0, self._sub_features(Phi), K
 
     def subspace_weights(self, u: Tensor) -> Tensor:
         V, cc = self._sub

@@ -143,11 +143,19 @@ def fit_meanfield(
     return VIResult(m.detach(), scale, history, history[-1], converged, len(history) - 1)
 
 
-def predictive_meanfield(lin: Linearized, x: Tensor, mean: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+def predictive_meanfield(
+    lin: Linearized, x: Tensor, mean: Tensor, scale: Tensor, joint: bool = False
+) -> tuple[Tensor, Tensor]:
     """Logit mean f(x; θ̂) + J(x)(m − θ̂) (c, k) and covariance J(x) diag(s²) J(x)ᵀ (c, k, k) at
-    checked inputs x (c, ...), float64."""
+    checked inputs x (c, ...), float64; ``joint=True``: the joint covariance over all c points
+    (c·k × c·k, point-major) from the whole J(x)."""
     theta, var = lin.theta.to(F64), scale.to(F64).square()
     f0 = lin.forward(x).to(F64)
+    if joint:
+        J = lin.jacobian_mat(x).to(F64)
+        Jf = J.reshape(-1, J.shape[2])
+        cov = (Jf * var) @ Jf.T
+        return f0 + J @ (mean.to(F64) - theta), 0.5 * (cov + cov.T)
     means, covs = [], []
     for s, J in _jacobian_chunks(lin, x):
         means.append(f0[s] + J @ (mean.to(F64) - theta))

@@ -6,6 +6,10 @@ For k ≥ 2 logits (softmax) or one logit (sigmoid, classes (0, 1)), with μ (m,
   of a sigmoid with Σ → 0; uses only the diagonal of Σ);
 - ``"mc"``: the average of softmax(μ + A ε_s) over S draws ε_s ~ N(0, I_k), Σ = A Aᵀ (A from an
   eigendecomposition, so a singular Σ is fine), seeded for reproducibility.
+
+:func:`sample_logits` draws *joint* samples of the logits at m points from their Gaussian
+N(μ, Σ_joint) with the (m·k × m·k) point-major covariance of
+:meth:`fntk.LinearizedClassifier.predict_f_joint`, by the same eigendecomposition root.
 """
 
 from __future__ import annotations
@@ -26,6 +30,30 @@ def class_probs(f: Tensor) -> Tensor:
     return torch.softmax(f, dim=-1)
 
 
+def psd_root(cov: Tensor) -> Tensor:
+    """A root A (..., N, N) with A Aᵀ = Σ of a symmetric PSD Σ (..., N, N): A = Q diag(√max(e, 0))
+    from the eigendecomposition ½(Σ + Σᵀ) = Q diag(e) Qᵀ (a singular Σ is fine: no jitter, and the
+    eigenvalues that rounding made negative are set to 0)."""
+    ev, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
+    return Q * ev.clamp_min(0).sqrt()[..., None, :]
+
+
+def sample_logits(
+    mean: Tensor, cov: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Joint draws (s, m, k) of the logits f ~ N(μ, Σ) at m points: μ (m, k), Σ (m·k × m·k)
+    point-major (row i·k + c: point i, logit c), float64.
+
+    f_s = μ + A ε_s (flattened point-major) with A = :func:`psd_root` (Σ) and base draws
+    ε (m·k, s) ~ N(0, I) from ``torch.randn(m·k, s, generator=generator)`` on the CPU (torch's
+    default generator when ``generator`` is None), as :meth:`fntk.gp.NTKPosterior.sample` draws
+    its ε (N, m, s)."""
+    m, k = mean.shape
+    mean, cov = mean.to(F64), cov.to(F64)
+    eps = torch.randn(m * k, num_samples, dtype=F64, generator=generator).to(mean.device)
+    return (mean.reshape(-1, 1) + psd_root(cov) @ eps).T.reshape(num_samples, m, k)
+
+
 def glm_predictive(
     mean: Tensor, cov: Tensor | None, link: str = "probit", num_samples: int = 100, seed: int = 0
 ) -> Tensor:
@@ -40,11 +68,10 @@ def glm_predictive(
         return class_probs(mean / torch.sqrt(1 + math.pi / 8 * var))
     if link != "mc":
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
-    ev, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
-    A = Q * ev.clamp_min(0).sqrt()[..., None, :]  # cov = A Aᵀ
+    A = psd_root(cov)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     eps = torch.randn(num_samples, *mean.shape, generator=g, dtype=F64).to(mean.device)
     return class_probs(mean + torch.einsum("mkl,sml->smk", A, eps)).mean(0)
 
 
-__all__ = ["class_probs", "glm_predictive"]
+__all__ = ["class_probs", "glm_predictive", "psd_root", "sample_logits"]

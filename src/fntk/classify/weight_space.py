@@ -30,7 +30,7 @@ from fntk.classify.objective import (
 from fntk.likelihoods import Likelihood
 from fntk.linalg import lanczos_root, minimize
 from fntk.linearize import Linearized
-from fntk.ntk.cache import kernel_diag_blocks
+from fntk.ntk.cache import kernel_diag_blocks, kernel_matrix
 from fntk.operators import GGNOperator
 
 
@@ -276,6 +276,25 @@ class WeightSpace:
                     )
         return torch.cat(means), (torch.cat(covs) if covariance else None)
 
+    def predict_joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean (m, k) and joint covariance J* Σ J*ᵀ (m·k × m·k, point-major) of the linearized
+        logits at checked x (m, ...): Σ = P⁻¹ by the Cholesky factor (dense), or the Lanczos root
+        with the prior elsewhere, J*(λ⁻¹I + U D Uᵀ)J*ᵀ, D = (s + λ)⁻¹ − λ⁻¹ (low rank)."""
+        lin, m, k = self.lin, x.shape[0], self.k
+        dw = (self.w - self.theta)[:, None]
+        f0 = lin.forward(x).to(F64)
+        if self.dense:
+            Js = lin.jacobian_mat(x).to(F64).reshape(m * k, self.p)
+            mean = f0 + (Js @ dw).reshape(m, k)
+            V = lower_solve(self.R, Js.T)  # (p, m·k)
+            cov = V.T @ V
+        else:
+            mean = f0 + self.jv(dw, x)[..., 0]
+            JU = self.jv(self.U, x).reshape(m * k, -1)  # (m·k, r)
+            D = 1.0 / (self.s + self.lam) - 1.0 / self.lam
+            cov = kernel_matrix(lin, x, None, cache=False) / self.lam + (JU * D) @ JU.T
+        return mean, 0.5 * (cov + cov.T)
+
     def weights(self) -> Tensor:
         return self.w.clone()
 
@@ -293,13 +312,18 @@ class WeightSpace:
         self._U = U
         return self.jv(U), U.T @ (self.w - self.mu0)
 
-    def subspace_test(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(m₀(x) (c, k), Φ(x) = J(x) U (c, k, r), K(x_i, x_i) (c, k, k))."""
+    def subspace_test(self, x: Tensor, joint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(m₀(x) (c, k), Φ(x) = J(x) U (c, k, r), K(x_i, x_i) (c, k, k)); ``joint=True``: the
+        whole K(x, x) (c·k × c·k) instead of its diagonal blocks."""
         m0 = prior_mean_function(self.lin, x, self.mu0_arg)
         if self.dense:
             Js = self.lin.jacobian_mat(x).to(F64)
+            if joint:
+                Jf = Js.reshape(-1, self.p)
+                return m0, Js @ self._U, Jf @ Jf.T
             return m0, Js @ self._U, Js @ Js.mT
-        return m0, self.jv(self._U, x), kernel_diag_blocks(self.lin, x)
+        K = kernel_matrix(self.lin, x, None, cache=False) if joint else kernel_diag_blocks(self.lin, x)
+        return m0, self.jv(self._U, x), K
 
     def subspace_weights(self, u: Tensor) -> Tensor:
         return self.mu0 + self._U @ u

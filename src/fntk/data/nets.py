@@ -74,9 +74,13 @@ def load_pretrained_lenet5(
         map_location: where to put the weights (the file was saved from a CUDA device).
     """
     path = data_file(LENET5_FILE, root)
-    state = torch.load(path, map_location=map_location, weights_only=True)
     net = LeNet5()
-    net.load_state_dict(state, strict=True)
+    try:
+        net.load_state_dict(torch.load(path, map_location=map_location, weights_only=True), strict=True)
+    except Exception as err:  # truncated or corrupt file, or another network's weights
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"the pretrained LeNet-5 file {path} does not load ({why}); restore it from "
+                         "its source (see the README in its folder)") from err
     return net.to(map_location).eval()
 
 

@@ -51,6 +51,7 @@ from fntk.data.nets import mlp
 from fntk.experiments import model_choice
 from fntk.experiments.common import (
     RunConfig,
+    cached,
     cached_state,
     default_threads,
     experiment_grid,
@@ -112,15 +113,16 @@ def _ablr(cfg: RunConfig, task: sine_data.RegressionTask, kind: str, seed: int, 
     """ABLR's feature net trained on the source task by marginal likelihood; cached."""
     ablr = baselines.ABLR(seed=seed, dtype=DTYPE)
     path = Path(cfg.cache) / f"sine_ablr_{kind}_seed{seed}_n{task.x_train.shape[0]}_steps{steps}.pt"
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+
+    def read(state: dict) -> baselines.ABLR:
         ablr.net.load_state_dict(state["net"])
         ablr.log_hypers_ = state["log_hypers"]
         return ablr
-    ablr.fit([(task.x_train, task.y_train)], steps=steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"net": ablr.net.state_dict(), "log_hypers": ablr.log_hypers_}, path)
-    return ablr
+
+    def build() -> baselines.ABLR:
+        return ablr.fit([(task.x_train, task.y_train)], steps=steps)
+
+    return cached(path, read, build, lambda a: {"net": a.net.state_dict(), "log_hypers": a.log_hypers_})
 
 
 def _predict(
