@@ -23,7 +23,7 @@ from fntk.linearize.taps import final_linear
 
 from classify_reference import DenseReference, _data
 from models import tanh_mlp
-from reference import dense_jacobian, eval_forward, rel_err
+from reference import assert_same_fingerprint, dense_jacobian, eval_forward, fingerprint, rel_err
 
 DT = torch.float64
 LAST = ["4.weight", "4.bias"]
@@ -261,3 +261,21 @@ def test_save_load_keeps_joint_predictions_and_samples(kw, tmp_path):
         assert torch.equal(got, want)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(back.sample(xs, 5, g1), clf.sample(xs, 5, g2))
+
+
+# ------------------------------------------------------------------------------------------ model, dtype
+@pytest.mark.parametrize("inference", ["laplace", "vi"])
+def test_model_is_never_modified_and_float32_results(inference):
+    model, x, y, xs = _problem(3, n=10, m=3)
+    model32 = tanh_mlp(d_in=3, width=5, k=3)
+    model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    kw = {"inference": inference, "prior_precision": 1.3, "vi_samples": 8, "vi_max_iter": 20}
+    clf32 = LinearizedClassifier(model32, **kw).fit(x.float(), y)
+    clf64 = LinearizedClassifier(model, **kw).fit(x, y)
+    before = fingerprint(model32)
+    mean, cov = clf32.predict_f_joint(xs.float())
+    F = clf32.sample(xs.float(), 4, torch.Generator().manual_seed(0))
+    assert_same_fingerprint(before, fingerprint(model32))
+    assert mean.dtype == cov.dtype == F.dtype == torch.float32 and F.shape == (4, 3, 3)
+    m64, c64 = clf64.predict_f_joint(xs)
+    assert rel_err(mean.double(), m64) < 1e-4 and rel_err(cov.double(), c64) < 1e-3
