@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 
-def dense_jacobian(model: nn.Module, x: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+def dense_jacobian(model: nn.Module, x: torch.Tensor | dict, names: list[str] | None = None) -> torch.Tensor:
     """J(x) as (n, k, p) for the named parameters (all trainable when None), in eval mode.
 
-    Works on a deep copy so the caller's model is untouched.
+    x is a tensor (``model(x)``) or a dict of tensors (``model(**x)``); a dict output gives its
+    ``"logits"``. Works on a deep copy so the caller's model is untouched.
     """
     m = copy.deepcopy(model).eval()
     params = dict(m.named_parameters())
@@ -25,7 +26,11 @@ def dense_jacobian(model: nn.Module, x: torch.Tensor, names: list[str] | None = 
 
     def f(*flat):
         theta = dict(zip(names, flat))
-        out = torch.func.functional_call(m, {**others, **theta}, (x,))
+        if isinstance(x, dict):
+            out = torch.func.functional_call(m, {**others, **theta}, (), dict(x))
+        else:
+            out = torch.func.functional_call(m, {**others, **theta}, (x,))
+        out = out["logits"] if isinstance(out, dict) else out
         return out.reshape(out.shape[0], -1)
 
     jac = torch.autograd.functional.jacobian(f, tuple(base[n] for n in names))

@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fntk"
 
-BASE = {"errors", "settings", "version", "validation", "distributed"}
+BASE = {"errors", "settings", "version", "validation", "distributed", "inputs"}
 LIBRARY = BASE | {"linearize", "linalg", "likelihoods", "ntk", "operators", "persist", "curvature", "gp",
                   "classify"}
 #: unit (top-level module or subpackage of fntk) → the units it may import
@@ -21,7 +21,8 @@ ALLOWED = {
     "version": set(),
     "validation": set(),
     "distributed": set(),
-    "linearize": {"errors", "settings", "distributed"},
+    "inputs": {"errors", "settings"},
+    "linearize": {"errors", "settings", "distributed", "inputs"},
     "linalg": {"errors"},
     "likelihoods": {"errors"},
     "ntk": BASE | {"linearize", "linalg", "likelihoods"},
@@ -30,7 +31,7 @@ ALLOWED = {
     "curvature": {"linalg", "operators"},
     "gp": BASE | {"linearize", "linalg", "likelihoods", "ntk", "operators", "persist"},
     "classify": BASE | {"linearize", "linalg", "likelihoods", "ntk", "operators", "persist"},
-    "baselines": {"linearize"},
+    "baselines": {"linearize", "inputs"},
     "metrics": set(),
     "data": set(),
     "experiments": LIBRARY | {"baselines", "metrics", "data"},

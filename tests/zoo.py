@@ -165,6 +165,44 @@ class TransformerText(nn.Module):
         return self.fc((h * keep).sum(1) / keep.sum(1))  # padded positions are left out
 
 
+@dataclass
+class TextConfig:
+    """A Hugging Face-style config, in miniature (no download: the model is built from it)."""
+
+    vocab_size: int = 12
+    hidden_size: int = 8
+    num_heads: int = 2
+    intermediate_size: int = 12
+    num_layers: int = 2
+    num_labels: int = 3
+    dropout: float = 0.1
+
+
+class DictTextClassifier(nn.Module):
+    """The TransformerText family with a Hugging Face signature: ``forward(input_ids,
+    attention_mask)`` (int64 ids, 1 = token / 0 = padding), returning a ModelOutput with logits."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size,
+                                           dropout=cfg.dropout, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, cfg.num_layers)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, input_ids, attention_mask):
+        assert input_ids.dtype == torch.int64 and attention_mask.dtype == torch.int64  # never cast
+        h = self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+        keep = attention_mask.to(h.dtype)[..., None]
+        return ModelOutput(logits=self.classifier((h * keep).sum(1) / keep.sum(1)))
+
+
+def text_batch(g: torch.Generator, n: int, vocab: int = 12, length: int = 5) -> dict:
+    """{"input_ids", "attention_mask"} (n, length) int64 with trailing padding of varying length."""
+    ids = _tokens(g, vocab, n, length, pad=True)
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
 class EmbedPad(nn.Module):
     """Embedding with padding_idx whose (non-zero) padding row is read by the forward: autograd
     gives that row no gradient, forward-mode AD would; fntk follows autograd."""
@@ -531,4 +569,5 @@ def reference_model(case: Case) -> nn.Module:
     return Selected(base, case.output_fn)
 
 
-__all__ = ["Case", "build", "reference_model", "WORKING", "REFUSED", "EXPECT"]
+__all__ = ["TextConfig", "DictTextClassifier", "text_batch", "Case", "build", "reference_model", "WORKING",
+           "REFUSED", "EXPECT"]

@@ -1,6 +1,6 @@
 """fntk: analytic transfer learning through the linearization of a pretrained PyTorch network."""
 
-from fntk import ntk
+from fntk import inputs, ntk
 from fntk.classify import LinearizedClassifier
 from fntk.errors import NotFittedError, NTKMemoryError, NumericalWarning, TimeLimitError
 from fntk.gp import NTKRegressor
@@ -13,6 +13,7 @@ from fntk.version import __version__
 
 __all__ = [
     "Linearized",
+    "inputs",
     "JacobianOperator",
     "NTKOperator",
     "ntk",

@@ -1,7 +1,8 @@
 """Checks and guards shared by the estimators (NTKRegressor, LinearizedClassifier): argument checks
 that name the argument, what was expected and what came; transactional fits; cost-limit messages;
-an optional progress bar. Imports nothing of fntk (the exceptions of the cost guards are raised by
-the callers, from :mod:`fntk.errors`).
+optional progress bars (over iterations, :func:`progress`; over batches, :func:`progress_bar`).
+Imports nothing of fntk (the exceptions of the cost guards are raised by the callers, from
+:mod:`fntk.errors`).
 
 Type mistakes (a string where a number belongs, ``None`` for a seed) raise ``TypeError``; values
 of the right type outside their range raise ``ValueError``.
@@ -12,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 Callback = Callable[[dict], None]
+T = TypeVar("T")
 
 
 def _got(value: Any) -> str:
@@ -207,6 +209,23 @@ def progress(callback: Callback | None, enabled: bool, desc: str) -> Iterator[Ca
         bar.close()
 
 
+def progress_bar(items: Iterable[T], enabled: bool, desc: str, total: int | None = None,
+                 unit: str = "batch") -> Iterator[T]:
+    """The items of ``items``, with a tqdm bar (stderr) ticking once per item when ``enabled`` (the
+    estimators' ``progress`` option; ``total`` items when known). The bar is closed when the
+    iteration ends, also when it raises or stops early."""
+    if not enabled:
+        yield from items
+        return
+    bar = tqdm(desc=desc, unit=unit, total=total, leave=False)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 __all__ = [
     "Callback",
     "choice",
@@ -224,4 +243,5 @@ __all__ = [
     "over_time",
     "over_memory",
     "progress",
+    "progress_bar",
 ]

@@ -42,12 +42,12 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fntk import persist, validation
+from fntk import inputs, persist, validation
 from fntk.classify import cost
 from fntk.classify import cv as _cv
 from fntk.classify import meanfield as _mf
@@ -236,9 +236,15 @@ class LinearizedClassifier:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, x: Tensor, y: Tensor, callback: Callable[[dict], None] | None = None
+        self, x: Tensor | dict | Iterable, y: Tensor | None = None,
+        callback: Callable[[dict], None] | None = None,
     ) -> LinearizedClassifier:
         """Fit on inputs x (n, *features) and int labels y (n,) in [0, C); returns self.
+
+        x may be a dict of tensors batched along axis 0 (the model is called as ``model(**x)``), or
+        a re-iterable of (x_b, y_b) batches (a ``DataLoader``; then y is None): its batches are
+        validated one by one and the inputs and labels collected in memory (no Jacobian is
+        stored; weight-space products still go chunk by chunk to the memory budget).
 
         C = k classes for k ≥ 2 logits (categorical likelihood), C = 2 for one logit (Bernoulli).
         Before any heavy work the dense matrices are checked against the memory budget and the
@@ -251,6 +257,7 @@ class LinearizedClassifier:
         untouched.
         """
         callback = check_callback(callback)
+        x, y = inputs.fit_data(x, y)
         with self._lock, validation.transaction(self):
             with validation.progress(callback, self.progress, "LinearizedClassifier.fit") as cb:
                 self._fit(x, y, cb)
@@ -405,8 +412,18 @@ class LinearizedClassifier:
         covariance (m, k, k) (``None`` for ``inference="map"``), in the model's dtype.
 
         Test points are processed in chunks of at most ``chunk`` (a positive int), fewer when
-        their Jacobian or kernel rows would exceed the memory budget."""
+        their Jacobian or kernel rows would exceed the memory budget. A re-iterable of batches
+        (``DataLoader``; targets in the batches are ignored) goes batch by batch (a tqdm bar over
+        the batches with ``progress=True``), the results concatenated."""
         chunk = positive_int("chunk", chunk)
+        if inputs.is_loader(x):
+            with self._lock:
+                self._require_fit()  # before the first batch is read
+            bar = validation.progress_bar(self.lin.batches(x), self.progress, "LinearizedClassifier.predict",
+                                          inputs.num_batches(x))
+            parts = [self.predict_f(xb, chunk) for xb in bar]
+            covs = None if parts[0][1] is None else torch.cat([c for _, c in parts])
+            return torch.cat([m for m, _ in parts]), covs
         with self._lock:
             b = self._require_fit()
             x = self.lin.check_input(x)

@@ -31,7 +31,13 @@ F64 = torch.float64
 
 
 def features(x: Tensor) -> Tensor:
-    """Inputs (n, *feature_shape) as float64 features (n, d)."""
+    """Inputs (n, *feature_shape) as float64 features (n, d); dict inputs are refused (TypeError)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"the input kernels ({', '.join(INPUT_KERNELS)}) need inputs x as one tensor (n, ...), got "
+            f"{type(x).__name__} (dict inputs have no feature vector); choose a gp_model without an "
+            "input kernel (e.g. gp_model='ntk')"
+        )
     return x.reshape(x.shape[0], -1).to(F64)
 
 

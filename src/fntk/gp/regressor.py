@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from fntk import persist, validation
+from fntk import inputs, persist, validation
 from fntk.errors import NotFittedError
 from fntk.gp import iterative, plan, selection
 from fntk.gp.hyper import F64
@@ -224,9 +224,16 @@ class NTKRegressor:
             raise NotFittedError("this NTKRegressor is not fitted yet: call fit(x, y) first")
 
     # ------------------------------------------------------------------ fit
-    def fit(self, x: Tensor, y: Tensor, callback: Callback | None = None) -> NTKRegressor:
+    def fit(self, x: Tensor | dict | Iterable, y: Tensor | None = None,
+            callback: Callback | None = None) -> NTKRegressor:
         """Condition on data x (n, *feature_shape) and targets y (n,) [or (n, k) with output=None],
         learning the hyperparameters first (unless ``optimize=False``). Returns self.
+
+        x may be a dict of tensors batched along axis 0 (the model is called as ``model(**x)``), or
+        a re-iterable of (x_b, y_b) batches (a ``DataLoader``; then y is None): its batches are
+        validated one by one and the inputs and targets collected in memory (the function-space
+        kernel needs all n points; no Jacobian is stored). Dict inputs leave the input-kernel
+        models (``+rbf``, ...) out of ``gp_model="auto"`` (they have no feature vector).
 
         Before any heavy work the plan's estimated time is checked against ``time_limit`` and its
         dense matrices against ``memory_limit``. ``callback``, if given, is called after every
@@ -234,6 +241,7 @@ class NTKRegressor:
         "log_marginal_likelihood"}``; whatever it raises (e.g. KeyboardInterrupt) stops the fit,
         leaving the regressor exactly as it was (as does any other error)."""
         callback = check_callback(callback)
+        x, y = inputs.fit_data(x, y)
         with self._lock, validation.transaction(self):
             self._fit(x, y, callback)
         return self
@@ -252,6 +260,14 @@ class NTKRegressor:
         models = resolve(self.models, single_output=self.output is not None, space=pl.space,
                          solver=pl.solver, learn_all=self.learn == selection.LEARN_ALL, fixed=fixed, n=n,
                          has_variance=self.variance_output is not None)
+        if not isinstance(x, Tensor):  # dict inputs: no feature vector for an input kernel
+            if self.models is None:
+                models = [m for m in models if m.input_kernel is None]
+            elif any(m.input_kernel is not None for m in models):
+                raise TypeError(
+                    f"gp_model {[m.name for m in models]} has an input kernel, which needs x as one "
+                    f"tensor (n, ...); x is {inputs.describe(x)}: choose models without one (e.g. 'network')"
+                )
         variance = None  # (index, link): informs the noise prior of every model, feeds +hetero/@src
         needs = [m.name for m in models if m.needs_variance]
         if needs or self.variance_output is not None:
@@ -352,15 +368,36 @@ class NTKRegressor:
             return self._fmt(self._state.lml() - self.n_ * self._sd.log())
 
     # ------------------------------------------------------------------ predict
-    def predict(self, x: Tensor) -> NTKPosterior:
+    def predict(self, x: Tensor | dict | Iterable) -> NTKPosterior:
         """Posterior of f at test inputs x (m, *feature_shape): mean and latent variance (m,)
         [(m, k) with ``output=None``], predictive variance with noise, covariance on demand.
 
         The test points are processed in chunks whose kernel or Jacobian blocks fit the memory
-        budget; the full covariance (m × m per output) is checked against it when first asked for."""
+        budget; the full covariance (m × m per output) is checked against it when first asked for.
+        A re-iterable of batches (``DataLoader``; targets in the batches are ignored) is predicted
+        batch by batch (a tqdm bar over the batches with ``progress=True``), the results
+        concatenated; its covariance collects the test inputs when first asked for."""
         with self._lock:
             self._check_fitted()
+            if inputs.is_loader(x):
+                return self._predict_batches(x)
             return self._predict(x)
+
+    def _predict_batches(self, x: Iterable) -> NTKPosterior:
+        """:meth:`_predict` batch by batch over a loader x, concatenated."""
+        bar = validation.progress_bar(self.lin.batches(x), self.progress, "NTKRegressor.predict",
+                                      inputs.num_batches(x))
+        parts = [self._predict(xb) for xb in bar]
+        mean = torch.cat([p.mean for p in parts])
+        var = torch.cat([p.variance for p in parts])
+        per_point = self.output is not None and parts[0].noise.dim() == 1  # input-dependent noise (m,)
+        noise = torch.cat([p.noise for p in parts]) if per_point else parts[0].noise
+
+        def covariance() -> Tensor:
+            with self._lock:
+                return self._predict(self.lin.check_input(x, "x")).covariance_matrix
+
+        return NTKPosterior(mean, var, noise, covariance)
 
     def _predict(self, x: Tensor) -> NTKPosterior:
         lin, st, lock = self.lin, self._state, self._lock

@@ -1,10 +1,14 @@
-"""Argument checks of :class:`~fntk.Linearized` at the boundary: inputs x (n, ...), parameter-space
-vectors v (p,) | (p, r), function-space cotangents u (n, k) | (n, k, r), and the probe batch."""
+"""Argument checks of :class:`~fntk.Linearized` at the boundary: inputs x (n, ...) (a tensor or a
+dict of tensors, see :mod:`fntk.inputs`), parameter-space vectors v (p,) | (p, r), function-space
+cotangents u (n, k) | (n, k, r), and the probe batch."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fntk import inputs
+from fntk.inputs import Batch, Inputs
 
 
 def check_x(x: object, name: str, dtype: torch.dtype, device: torch.device, int_inputs: bool) -> Tensor:
@@ -34,6 +38,23 @@ def check_x(x: object, name: str, dtype: torch.dtype, device: torch.device, int_
             "Embedding layer; pass floating-point inputs"
         )
     return x.to(device)
+
+
+def check_inputs(x: object, name: str, dtype: torch.dtype, device: torch.device, int_inputs: bool) -> Inputs:
+    """x as checked inputs: a tensor by :func:`check_x`; a dict of tensors as a
+    :class:`~fntk.inputs.Batch` with every entry checked (its name ``x['key']``) and moved to the
+    device, floating-point entries cast to the model's dtype, integer and boolean entries (token ids,
+    masks) passed through unchanged."""
+    x = inputs.as_inputs(x, name)
+    if isinstance(x, Tensor):
+        return check_x(x, name, dtype, device, int_inputs)
+    out = {}
+    for key, t in x.items():
+        where = f"{name}[{key!r}]"
+        if t.shape[0] == 0:
+            raise ValueError(f"{where} is empty: got shape {tuple(t.shape)}, expected at least one point")
+        out[key] = t.to(device) if t.dtype == torch.bool else check_x(t, where, dtype, device, True)
+    return Batch(out)
 
 
 def check_vec(v: object, p: int, dtype: torch.dtype, device: torch.device,
@@ -96,21 +117,28 @@ def check_outputs(out: Tensor, what: str) -> None:
         )
 
 
-def probe_batch(x: Tensor, points: int) -> Tensor:
-    """The first ``points`` points of x, plus (when they are fewer than 2 distinct points) a
-    perturbed copy of x[0] (floats: small Gaussian noise; integer tokens: rolled along the last
-    axis), so that the probes can see whether points interact."""
-    xb = x[:points]
-    if torch.unique(xb.reshape(xb.shape[0], -1), dim=0).shape[0] >= 2:
-        return xb
-    x0 = xb[:1]
+def _perturbed(x0: Tensor) -> Tensor:
+    """Another point near x0 (1, ...): floats with small Gaussian noise, integers rolled along the
+    last axis (booleans kept)."""
     if x0.is_floating_point():
         g = torch.Generator(device=x0.device).manual_seed(0)
         noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=x0.device)
-        aug = x0 + 0.1 * (x0.abs().mean() + 1) * noise
-    else:
-        aug = x0.reshape(1, -1).roll(1, -1).reshape(x0.shape)
-    return x0 if torch.equal(aug, x0) else torch.cat([x0, aug])
+        return x0 + 0.1 * (x0.abs().mean() + 1) * noise
+    if x0.dtype == torch.bool:
+        return x0
+    return x0.reshape(1, -1).roll(1, -1).reshape(x0.shape)
 
 
-__all__ = ["check_x", "check_vec", "check_cotangent", "check_outputs", "probe_batch"]
+def probe_batch(x: Inputs, points: int) -> Inputs:
+    """The first ``points`` points of x, plus (when they are fewer than 2 distinct points) a
+    perturbed copy of x[0] (floats: small Gaussian noise; integer tokens: rolled along the last
+    axis; every entry of a dict batch alike), so that the probes can see whether points interact."""
+    xb = x[:points]
+    if len(set(inputs.row_keys(xb))) >= 2:
+        return xb
+    x0 = xb[:1]
+    aug = inputs.map_tensors(x0, _perturbed)
+    return x0 if inputs.row_keys(aug) == inputs.row_keys(x0) else inputs.cat([x0, aug])
+
+
+__all__ = ["check_x", "check_inputs", "check_vec", "check_cotangent", "check_outputs", "probe_batch"]

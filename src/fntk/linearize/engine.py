@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
+from fntk import inputs
+from fntk.inputs import Inputs
 from fntk.linearize import fallbacks
 from fntk.linearize.outputs import OutputFn, apply_output
 
@@ -46,14 +48,17 @@ def flatten(d: Params, names: Sequence[str], lead: int = 0) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- f
-def model_function(module: nn.Module, fixed: Params, x: Tensor, output_fn: OutputFn | None = None) -> PureF:
-    """The pure map θ ↦ f(x; θ) as an (n, k) tensor (the selected output, flattened per point)."""
+def model_function(module: nn.Module, fixed: Params, x: Inputs, output_fn: OutputFn | None = None) -> PureF:
+    """The pure map θ ↦ f(x; θ) as an (n, k) tensor (the selected output, flattened per point).
+    x is a tensor (called as ``module(x)``) or a dict batch (``module(**x)``), see :mod:`fntk.inputs`."""
+    args, kwargs = inputs.call_args(x)
+    n = inputs.rows(x)
 
     def f(theta: Params) -> Tensor:
-        out = apply_output(functional_call(module, {**fixed, **theta}, (x,)), output_fn)
-        if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        out = apply_output(functional_call(module, {**fixed, **theta}, args, kwargs), output_fn)
+        if out.dim() == 0 or out.shape[0] != n:
             raise ValueError(
-                f"the model's output has shape {tuple(out.shape)} for {x.shape[0]} input points; "
+                f"the model's output has shape {tuple(out.shape)} for {n} input points; "
                 "fntk needs the points on the leading axis of the output, (n, ...): return one row "
                 "per point (or select such an output with output_fn)"
             )
@@ -120,24 +125,25 @@ def per_example_jacobian(
     if mode in ("cotangent_vmap", "loop"):
         rows = fallbacks.cotangent_rows if mode == "cotangent_vmap" else fallbacks.loop_rows
 
-        def batch_f(xs: Tensor) -> PureF:
+        def batch_f(xs: Inputs) -> PureF:
             f = model_function(module, {**fixed, **rest}, xs, output_fn)
             return lambda s: pick(f(s))
 
-        def run_fb(x: Tensor) -> Tensor | list[Tensor]:
+        def run_fb(x: Inputs) -> Tensor | list[Tensor]:
             parts = rows(batch_f, sub, names, x, kk, basis_points)
             return parts if split else torch.cat(parts, dim=-1)
 
         return run_fb
 
-    def f1(s: Params, xi: Tensor) -> Tensor:
-        out = apply_output(functional_call(module, {**fixed, **rest, **s}, (xi[None],)), output_fn)
+    def f1(s: Params, xi: Tensor | dict[str, Tensor]) -> Tensor:
+        args, kwargs = inputs.call_args(inputs.point_batch(xi))  # one point as a batch of one
+        out = apply_output(functional_call(module, {**fixed, **rest, **s}, args, kwargs), output_fn)
         return pick(out.reshape(1, -1))[0]
 
-    jac = vmap(jacrev(f1), in_dims=(None, 0))
+    jac = vmap(jacrev(f1), in_dims=(None, 0))  # over points: every tensor of a dict batch on axis 0
 
-    def run(x: Tensor) -> Tensor | list[Tensor]:
-        d = jac(sub, x)
+    def run(x: Inputs) -> Tensor | list[Tensor]:
+        d = jac(sub, inputs.tree(x))
         b = x.shape[0]
         parts = [d[n].reshape(b, kk, -1) for n in names]
         return parts if split else torch.cat(parts, dim=-1)

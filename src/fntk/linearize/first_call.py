@@ -8,21 +8,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fntk import inputs
+from fntk.inputs import Inputs
 from fntk.linearize import checks, probes, scope
 
 
-def _forward_fails(x: Tensor, name: str, err: Exception, what: str) -> ValueError:
+def _forward_fails(x: Inputs, name: str, err: Exception, what: str) -> ValueError:
     hint = ""
-    if x.dim() == 1:
+    if isinstance(x, Tensor) and x.dim() == 1:
         hint = (f"; {name} is 1-d, so each of its {x.shape[0]} entries is one point with no feature "
                 f"axis: for one feature per point pass {name}[:, None] (shape ({x.shape[0]}, 1))")
     return ValueError(
-        f"{name} of shape {tuple(x.shape)} does not fit the model: the forward pass on {what} "
+        f"{name} ({inputs.describe(x)}) does not fit the model: the forward pass on {what} "
         f"failed with {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{hint}"
     )
 
 
-def _shapes(lin, x: Tensor, name: str) -> None:
+def _shapes(lin, x: Inputs, name: str) -> None:
     """One forward on a single point: k, the activation size; rejects bad shapes and outputs early."""
     counts: list[int] = []
 
@@ -41,11 +43,11 @@ def _shapes(lin, x: Tensor, name: str) -> None:
             h.remove()
     checks.check_outputs(out, f"on the first point of {name}")
     lin._k = int(out.shape[1])
-    lin._feature_shape = tuple(x.shape[1:])
+    lin._feature_shape = inputs.feature_shape(x)
     lin._act_per_example = max(int(sum(counts)), lin._k, 1)
 
 
-def setup(lin, x: Tensor, name: str) -> None:
+def setup(lin, x: Inputs, name: str) -> None:
     """Shapes from one point (unless known, e.g. after loading), then the probes on ≤ 3 points; a
     refusal leaves ``lin`` as it was (a later call with good data probes afresh)."""
     known = (lin._k, lin._feature_shape, lin._act_per_example)
@@ -56,7 +58,7 @@ def setup(lin, x: Tensor, name: str) -> None:
         raise
 
 
-def _setup(lin, x: Tensor, name: str) -> None:
+def _setup(lin, x: Inputs, name: str) -> None:
     if lin._k is None or lin._feature_shape is None or lin._act_per_example is None:
         _shapes(lin, x, name)
     xb = checks.probe_batch(x, probes.PROBE_POINTS)

@@ -9,6 +9,12 @@ J(x)v, vector-Jacobian products J(x)ᵀu, the explicit Jacobian and the linear m
 Shapes: n points, k outputs (the selected output flattened per point), p selected parameters,
 r right-hand sides. Parameter vectors are flat (p,) in ``named_parameters()`` order.
 
+Inputs x are a tensor (n, ...) (the model is called as ``model(x)``), a dict of tensors batched along
+axis 0 (``model(**x)``, Hugging Face style; integer entries such as token ids and masks are passed
+unchanged), or a re-iterable of such batches (a ``DataLoader``, see :mod:`fntk.inputs`): ``forward``,
+``jvp``, ``vjp``, ``jacobian`` and ``lin(x, w)`` then go batch by batch (outputs concatenated, Jᵀu
+summed); :meth:`check_input` collects the batches for callers that need all points at once.
+
 The user's module is never touched: we work on a private deep copy without the user's hooks
 (:mod:`.private`), in eval mode (BatchNorm uses running statistics, Dropout is off), whose tensors
 are passed explicitly to ``functional_call``. On the first call with data, capability probes
@@ -21,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from fntk import distributed
+from fntk import distributed, inputs
 from fntk.errors import NTKMemoryError
+from fntk.inputs import Inputs
 from fntk.linearize import checks, engine, fallbacks, first_call, probes, scope, second_order
 from fntk.linearize.outputs import OutputFn, check_output_fn
 from fntk.linearize.private import check_model, frozen_rows, private_copy, uses_embedding
@@ -168,7 +175,7 @@ class Linearized:
         """The unselected parameters and the buffers (name → tensor; shared storage, do not modify)."""
         return dict(self._fixed)
 
-    def function(self, x: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    def function(self, x: Inputs) -> Callable[[dict[str, Tensor]], Tensor]:
         """The pure map θ (dict of the selected parameters) ↦ f(x; θ) as an (n, k) tensor. It uses the
         private module: call it only inside this object's methods (they hold its lock)."""
         return engine.model_function(self._module, self._fixed, x, self.output_fn)
@@ -199,28 +206,66 @@ class Linearized:
         run = engine.per_example_jacobian(self._module, self._fixed, self._theta, chosen, self.num_outputs,
                                           output, split, self.capabilities.rows, self.output_fn, points)
 
-        def locked(x: Tensor) -> Tensor | list[Tensor]:
+        def locked(x: Inputs) -> Tensor | list[Tensor]:
             with self._session():
                 return run(x)
 
         return locked
 
     # ------------------------------------------------------------------ checks and probes
-    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate x (n, *feature_shape) and move it to the model's device/dtype (floats only).
-        The first call runs the capability probes on its first points."""
-        x = checks.check_x(x, name, self.dtype, self.device, self._int_inputs)
-        if self._feature_shape is not None and tuple(x.shape[1:]) != self._feature_shape:
+    def check_input(self, x: Inputs | Iterable, name: str = "x") -> Inputs:
+        """Validate x (n, *feature_shape), or a dict of such tensors, and move it to the model's
+        device (floating-point tensors also to its dtype; integer and boolean ones unchanged). A
+        re-iterable of batches (DataLoader) is validated batch by batch (errors name the batch) and
+        collected into one tensor or dict in memory. The first call runs the capability probes on
+        its first points."""
+        x = checks.check_inputs(inputs.collect_inputs(x, name), name, self.dtype, self.device,
+                                self._int_inputs)
+        shape = inputs.feature_shape(x)
+        if self._feature_shape is not None and shape != tuple(map(_as_tuple, self._feature_shape)):
+            expected = self._feature_shape
+            if isinstance(x, Tensor) and all(isinstance(d, int) for d in expected):
+                raise ValueError(
+                    f"{name} has feature shape {shape} (full shape {tuple(x.shape)}), expected "
+                    f"(n, {', '.join(map(str, expected))}) as in earlier calls"
+                )
             raise ValueError(
-                f"{name} has feature shape {tuple(x.shape[1:])} (full shape {tuple(x.shape)}), expected "
-                f"(n, {', '.join(map(str, self._feature_shape))}) as in earlier calls"
+                f"{name} is {inputs.describe(x)}; expected the keys and trailing shapes {expected} "
+                "(key, *shape after the batch axis; a bare shape for a tensor) as in earlier calls"
             )
         if self._caps is None:
             with self._session():
                 if self._caps is None:  # another thread may have probed meanwhile
                     first_call.setup(self, x, name)
-        distributed.check_same(x, name)
+        for key, t in ([(None, x)] if isinstance(x, Tensor) else x.items()):
+            distributed.check_same(t, name if key is None else f"{name}[{key!r}]")
         return x
+
+    def batches(self, x: Inputs | Iterable, name: str = "x") -> Iterator[Inputs]:
+        """The checked inputs batch by batch: in-memory x as one batch; a re-iterable of batches
+        (DataLoader) batch by batch, each validated against the first (see
+        :class:`fntk.inputs.Stream`) and checked by :meth:`check_input` (named ``batch i of x``)."""
+        if not inputs.is_loader(x):
+            yield self.check_input(x, name)
+            return
+        for i, xb, _ in inputs.Stream.of(x, name):
+            yield self.check_input(xb, f"batch {i} of {name}")
+
+    def row_chunks(self, x: Inputs | Iterable, size: int | None = None) -> Iterator[tuple[Inputs, slice]]:
+        """(inputs, rows) in chunks of ≤ ``size`` points (None: whole batches): checked in-memory x
+        split into chunks; a loader (or :class:`fntk.inputs.Stream`) batch by batch (checked, see
+        :meth:`batches`), each batch split alike. The rows count from the first point of x, across
+        batches; the products that sum over points (GGN products and diagonals) stream this way."""
+        if not inputs.is_loader(x):
+            for s in self.chunks(inputs.rows(x), size or inputs.rows(x)):
+                yield x[s], s
+            return
+        start = 0
+        for xb in self.batches(x):
+            b = inputs.rows(xb)
+            for s in self.chunks(b, size or b):
+                yield xb[s], slice(start + s.start, start + s.stop)
+            start += b
 
     def _check_vec(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
         return checks.check_vec(v, self.num_params, self.dtype, self.device, name)
@@ -251,7 +296,7 @@ class Linearized:
         size = max(1, int(size))
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _by_rank(self, fn: Callable[..., Tensor], x: Tensor, *row_args: Tensor) -> Tensor:
+    def _by_rank(self, fn: Callable[..., Tensor], x: Inputs, *row_args: Tensor) -> Tensor:
         """fn(x, *row_args) on all rows; under torch.distributed each rank does its shard of the
         rows and the row blocks are all-gathered."""
         if not distributed.is_active():
@@ -264,8 +309,10 @@ class Linearized:
         return distributed.gather_rows(local, n)
 
     # ------------------------------------------------------------------ maps
-    def forward(self, x: Tensor) -> Tensor:
-        """f(x; θ̂): (n, k)."""
+    def forward(self, x: Inputs | Iterable) -> Tensor:
+        """f(x; θ̂): (n, k); batch by batch (concatenated) for a loader."""
+        if inputs.is_loader(x):
+            return torch.cat([self.forward(xb) for xb in self.batches(x)])
         x = self.check_input(x)
         size = self.rows_per_chunk(0)
 
@@ -275,7 +322,7 @@ class Linearized:
 
         return self._by_rank(rows, x)
 
-    def jvp_block(self, x: Tensor, V: Tensor) -> Tensor:
+    def jvp_block(self, x: Inputs, V: Tensor) -> Tensor:
         """J(x) V for checked x and V (p, r) → (n, k, r), unchunked (one forward with the tangents
         vmapped, or the probed fallback)."""
         mode = self.capabilities.jvp
@@ -286,7 +333,7 @@ class Linearized:
         with self._session():
             return engine.jvp_columns(self.function(x), self._theta, self.unflatten(V.T), mode)
 
-    def vjp_block(self, x: Tensor, U: Tensor) -> Tensor:
+    def vjp_block(self, x: Inputs, U: Tensor) -> Tensor:
         """J(x)ᵀ U for checked x and U (n, k, r) → (p, r), unchunked (one vjp closure, vmapped)."""
         with self._session():
             cols = engine.vjp_columns(self.function(x), self._theta, U, self.capabilities.vjp)
@@ -298,7 +345,7 @@ class Linearized:
             return self.rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
         return self.rows_per_chunk(r)
 
-    def jvp_mat(self, x: Tensor, V: Tensor) -> Tensor:
+    def jvp_mat(self, x: Inputs, V: Tensor) -> Tensor:
         """J(x) V on checked inputs: V (p, r) → (n, k, r), chunked over points to the budget."""
         size = self._jvp_rows(V.shape[1])
 
@@ -307,7 +354,7 @@ class Linearized:
 
         return self._by_rank(rows, x)
 
-    def vjp_mat(self, x: Tensor, U: Tensor) -> Tensor:
+    def vjp_mat(self, x: Inputs, U: Tensor) -> Tensor:
         """J(x)ᵀ U on checked inputs: U (n, k, r) → (p, r), chunked over points and summed
         (under torch.distributed: over this rank's rows, then all-reduced)."""
         size = self.rows_per_chunk(U.shape[2])
@@ -318,41 +365,76 @@ class Linearized:
             out = out + self.vjp_block(x[s], U[s])
         return distributed.all_reduce_sum(out) if distributed.is_active() else out
 
-    def jvp(self, x: Tensor, v: Tensor) -> Tensor:
-        """J(x) v. x: (n, ...); v: (p,) → (n, k), or (p, r) → (n, k, r)."""
+    def jvp(self, x: Inputs | Iterable, v: Tensor) -> Tensor:
+        """J(x) v. x: (n, ...); v: (p,) → (n, k), or (p, r) → (n, k, r) (a loader: by batch, concatenated)."""
+        if inputs.is_loader(x):
+            return torch.cat([self.jvp(xb, v) for xb in self.batches(x)])
         x = self.check_input(x)
         V, single = self._check_vec(v)
         out = self.jvp_mat(x, V)
         return out[..., 0] if single else out
 
-    def vjp(self, x: Tensor, u: Tensor) -> Tensor:
-        """J(x)ᵀ u. x: (n, ...); u: (n, k) → (p,), or (n, k, r) → (p, r) ((n,), (n, r) when k = 1)."""
+    def vjp(self, x: Inputs | Iterable, u: Tensor) -> Tensor:
+        """J(x)ᵀ u. x: (n, ...); u: (n, k) → (p,), or (n, k, r) → (p, r) ((n,), (n, r) when k = 1).
+        For a loader, Σ_b J(x_b)ᵀ u_b with u_b the rows of u of batch b (u has the loader's n rows)."""
+        if inputs.is_loader(x):
+            return self._vjp_batches(x, u)
         x = self.check_input(x)
         U, single = self._check_cotangent(u, x.shape[0])
         out = self.vjp_mat(x, U)
         return out[:, 0] if single else out
 
-    def jacobian(self, x: Tensor) -> Tensor:
-        """The explicit Jacobian J(x): (n, k, p), computed in chunks of points that fit the budget.
+    def _vjp_batches(self, x: Iterable, u: Tensor) -> Tensor:
+        """Σ_b J(x_b)ᵀ u[rows of b] over the batches of a loader x (see :meth:`vjp`)."""
+        if not isinstance(u, Tensor):
+            raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
+        out, done = None, 0
+        for xb in self.batches(x):
+            b = inputs.rows(xb)
+            if u.dim() == 0 or u.shape[0] < done + b:
+                have = "a scalar" if u.dim() == 0 else f"{u.shape[0]} rows"
+                raise ValueError(f"u has {have} but x yields more points ({done + b} up to this batch); "
+                                 "u needs one row per point of the loader, in its order")
+            part = self.vjp(xb, u[done : done + b])
+            out, done = part if out is None else out + part, done + b
+        if u.shape[0] != done:
+            raise ValueError(f"u has {u.shape[0]} rows but x yields {done} points; u needs one row per "
+                             "point of the loader, in its order")
+        return out
+
+    def jacobian(self, x: Inputs | Iterable) -> Tensor:
+        """The explicit Jacobian J(x): (n, k, p), computed in chunks of points that fit the budget
+        (a loader: batch by batch, concatenated).
 
         Per-example reverse mode (by default vmap over points of jacrev on a one-point batch: one
         batched forward and k batched backward passes per chunk; see ``capabilities.rows``).
-        Raises NTKMemoryError before allocating when n·k·p numbers exceed the memory budget.
+        Raises NTKMemoryError before allocating when n·k·p numbers exceed the memory budget (for a
+        loader: before the batch that would exceed it).
         """
-        return self.jacobian_mat(self.check_input(x))
+        if not inputs.is_loader(x):
+            return self.jacobian_mat(self.check_input(x))
+        parts, done = [], 0
+        for xb in self.batches(x):
+            done += inputs.rows(xb)
+            self._check_jacobian_size(done, self.num_outputs)
+            parts.append(self.jacobian_mat(xb))
+        return torch.cat(parts)
 
-    def jacobian_mat(self, x: Tensor, output: int | None = None) -> Tensor:
-        """J(x) on checked inputs: (n, k, p), or (n, p) for a single ``output``."""
-        k = self.num_outputs if output is None else 1
-        need = x.shape[0] * k * self.num_params * torch.finfo(self.dtype).bits // 8
+    def _check_jacobian_size(self, n: int, k: int) -> None:
+        need = n * k * self.num_params * torch.finfo(self.dtype).bits // 8
         if need > self.memory_budget:
             gib = 1024**3
             raise NTKMemoryError(
-                f"the Jacobian of shape ({x.shape[0]}, {k}, {self.num_params}) ({self.dtype}) needs "
+                f"the Jacobian of shape ({n}, {k}, {self.num_params}) ({self.dtype}) needs "
                 f"{need / gib:.3g} GiB, more than the memory budget of {self.memory_budget / gib:.3g} "
                 "GiB; use products (jvp/vjp, JacobianOperator), fewer points or parameters, or raise "
                 "memory_budget (Linearized(memory_budget=...) or fntk.set_memory_budget)"
             )
+
+    def jacobian_mat(self, x: Inputs, output: int | None = None) -> Tensor:
+        """J(x) on checked inputs: (n, k, p), or (n, p) for a single ``output``."""
+        k = self.num_outputs if output is None else 1
+        self._check_jacobian_size(x.shape[0], k)
         size = self.rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
         per_point = self.per_example_jacobian(None, output)
 
@@ -368,20 +450,22 @@ class Linearized:
         ValueError, naming the failing operation, when the model has none. Needs a first call."""
         return second_order.path(self, what)
 
-    def ggn_block(self, x: Tensor, V: Tensor, hop: Callable[[Tensor], Tensor]) -> Tensor:
+    def ggn_block(self, x: Inputs, V: Tensor, hop: Callable[[Tensor], Tensor]) -> Tensor:
         """J(x)ᵀ hop(J(x) V) (p, r) for checked x, V (p, r), hop (n, k, r) → (n, k, r); unchunked."""
         return second_order.ggn_product(self, x, V, hop)
 
-    def gradients_at(self, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], S: Tensor) -> Tensor:
+    def gradients_at(self, x: Inputs, loss_of_f: Callable[[Tensor], Tensor], S: Tensor) -> Tensor:
         """[∇_θ loss_of_f(f(x; θ̂ + s_j))]_j (p, r) for parameter steps S (p, r); unchunked."""
         return second_order.gradients_at(self, x, loss_of_f, S)
 
-    def hessian_product(self, x: Tensor, loss_of_f: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
+    def hessian_product(self, x: Inputs, loss_of_f: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
         """∇²_θ loss_of_f(f(x; θ)) at θ̂ times V (p, r); unchunked."""
         return second_order.hessian_product(self, x, loss_of_f, V)
 
-    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
-        """f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂). x: (n, ...); w: (p,) → (n, k)."""
+    def __call__(self, x: Inputs | Iterable, w: Tensor) -> Tensor:
+        """f_lin(x; w) = f(x; θ̂) + J(x)(w − θ̂). x: (n, ...); w: (p,) → (n, k) (a loader: by batch)."""
+        if inputs.is_loader(x):
+            return torch.cat([self(xb, w) for xb in self.batches(x)])
         x = self.check_input(x)
         if not isinstance(w, Tensor) or w.shape != (self.num_params,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
@@ -402,6 +486,12 @@ class Linearized:
             f"Linearized({type(self._module).__name__}, p={self.num_params}, "
             f"k={self._k if self._k is not None else '?'}, dtype={self.dtype})"
         )
+
+
+def _as_tuple(d: object) -> object:
+    """A stored feature-shape entry as compared with :func:`fntk.inputs.feature_shape` (lists, as
+    reloaded from JSON, become tuples)."""
+    return tuple(d) if isinstance(d, list) else d
 
 
 def as_linearized(

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fntk import inputs
 from fntk.linearize.linearized import Linearized
 from fntk.linearize.probes import close, tolerance
 
@@ -95,7 +96,7 @@ def analyze(lin: Linearized, x: Tensor) -> Analysis:
             with torch.no_grad():
                 for b in (1, 3):
                     calls.clear()
-                    lin.function(x[:1].expand(b, *x.shape[1:]).clone())(lin.theta_dict())
+                    lin.function(inputs.repeat_first(x, b))(lin.theta_dict())
                     probes.append({key: list(v) for key, v in calls.items()})
         finally:
             for h in handles:
@@ -133,7 +134,7 @@ def _verify(lin: Linearized, an: Analysis, x: Tensor) -> None:
     names = [n for L in an.layers for n in (L.weight, L.bias) if n]
     if not names:
         return
-    x3 = x[:1].expand(3, *x.shape[1:]).clone()
+    x3 = inputs.repeat_first(x, 3)
     u = torch.randn(1, 3, lin.num_outputs, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     u = u.to(dtype=lin.dtype, device=lin.device)
     X = features(lin, an, ["explicit"] * len(an.layers), u, x3)[0].sum(0)[0]

@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from fntk import inputs
 from fntk.errors import NTKMemoryError
+from fntk.inputs import Inputs
 from fntk.linearize import Linearized
 from fntk.ntk.methods import choose_method, ntk
 
@@ -55,9 +57,8 @@ def cached_kernels() -> Iterator[None]:
             _CACHE = None
 
 
-def _row_keys(x: Tensor) -> list[bytes]:
-    rows = x.detach().reshape(x.shape[0], -1).cpu().contiguous().numpy()
-    return [r.tobytes() for r in rows]
+def _row_keys(x: Inputs) -> list[bytes]:
+    return inputs.row_keys(x)
 
 
 @contextlib.contextmanager
@@ -214,7 +215,7 @@ def test_kernels(lin: Linearized, x: Tensor, X: Tensor) -> Iterator[tuple[slice,
             continue
         cs = s.stop - s.start
         if joint:
-            K = kernel_matrix(lin, torch.cat([x[s], X]), None, cache=False)
+            K = kernel_matrix(lin, inputs.cat([x[s], X]), None, cache=False)
             out = K[: cs * k, cs * k :], diag_blocks(K[: cs * k, : cs * k], cs, k)
         else:
             out = kernel_matrix(lin, x[s], X, cache=False), kernel_diag_blocks(lin, x[s])

@@ -37,10 +37,13 @@ gives top eigenpairs (low-rank posterior covariances and samples).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from fntk import inputs
+from fntk.inputs import Inputs
 from fntk.likelihoods import Likelihood, resolve
 from fntk.linearize import Linearized
 from fntk.linearize.tapped import TappedJacobian, tapped_layers
@@ -58,7 +61,10 @@ class GGNOperator(SymmetricWeightOperator):
 
     Args:
         lin: the :class:`~fntk.Linearized` model (defines θ̂ and the p selected parameters).
-        x: inputs (n, ...).
+        x: inputs (n, ...), a dict of tensors (n, ...) each (``model(**x)``), or a re-iterable of
+            batches (a ``DataLoader``): then every product, the diagonal and ``to_dense`` go batch by
+            batch and sum over the batches (memory: one batch's work and f(x) (n, k); no tapped
+            GEMM products, which keep the whole input).
         likelihood: a :class:`~fntk.likelihoods.Likelihood` (gives H_i and the KL), or its name:
             ``"gaussian"`` (σ = 1), ``"heteroscedastic_gaussian"``, ``"categorical"``,
             ``"bernoulli"``, ``"poisson"`` (:func:`fntk.likelihoods.resolve`; an unknown name is
@@ -105,7 +111,7 @@ class GGNOperator(SymmetricWeightOperator):
                     f"method={method!r} needs a likelihood with a KL divergence; the {likelihood.name} "
                     "likelihood has none (pass kl= to GenericLikelihood, or use method='exact')"
                 )
-            x = lin.check_input(x)
+            x = inputs.Stream(x, "x") if inputs.is_loader(x) else lin.check_input(x)
             _f = likelihood.check_outputs(lin.forward(x), "model output")
             if logits is not None:
                 if method != "exact":
@@ -136,7 +142,7 @@ class GGNOperator(SymmetricWeightOperator):
         self.lin, self.x, self.likelihood, self.y = lin, x, likelihood, y
         self.method, self.reduction, self.eps = method, reduction, float(eps)
         self.f = _f  # where H is evaluated, f(x; θ̂) unless logits= was given: (n, k)
-        n = x.shape[0]
+        n = _f.shape[0]
         self.scale = 1.0 if reduction == "sum" else 1.0 / n
         self._hop = None  # the likelihood's H operator, built on first use
         self._taps = taps  # the tapped products and their kept taps, shared with rebuilt copies
@@ -158,14 +164,18 @@ class GGNOperator(SymmetricWeightOperator):
         """The dense (p, p) G from per-example Jacobians, chunked over points."""
         return self.scale * ggn_dense(self.lin, self.x, self.likelihood, self.y, f=self.f)
 
-    def _chunks(self, copies: int) -> list[slice]:
+    def _chunks(self, copies: int) -> Iterator[tuple[Inputs, slice]]:
+        """(inputs, rows) of the chunks of points whose ``copies`` tangent copies fit the budget (a
+        loader: batch by batch)."""
         lin = self.lin
-        return lin.chunks(self.x.shape[0], lin.rows_per_chunk(copies))
+        return lin.row_chunks(self.x, lin.rows_per_chunk(copies))
 
     # ------------------------------------------------------------------ products, (p, r) → (p, r)
     def _tapped(self, r: int) -> TappedJacobian | None:
         """The tapped products when they apply and the cost model prefers them for r columns."""
         lin, x = self.lin, self.x
+        if isinstance(x, inputs.Stream):  # the taps would hold the whole input: stream instead
+            return None
         if "tj" in self._taps:
             tj = self._taps["tj"]
         else:
@@ -184,7 +194,7 @@ class GGNOperator(SymmetricWeightOperator):
         """Σ_chunks J_sᵀ H_s J_s V, all r columns at once: tapped GEMMs (:meth:`_tapped`) or
         :meth:`fntk.Linearized.ggn_block` (by default one forward per column carrying the tangent and
         recording the primal for reverse mode, about 5/3 of a gradient's work per column)."""
-        lin, x = self.lin, self.x
+        lin = self.lin
         if self._hop is None:
             self._hop = self.likelihood.hessian_operator(self.f, self.y)
         hop = self._hop
@@ -192,8 +202,8 @@ class GGNOperator(SymmetricWeightOperator):
         if tj is not None:
             return tj.ggn(V, hop)
         out = torch.zeros_like(V)
-        for s in self._chunks(V.shape[1]):
-            out += lin.ggn_block(x[s], V, lambda u, s=s: hop(u, s))
+        for xs, s in self._chunks(V.shape[1]):
+            out += lin.ggn_block(xs, V, lambda u, s=s: hop(u, s))
         return out
 
     def _kl_of_outputs(self, s: slice):
@@ -207,20 +217,20 @@ class GGNOperator(SymmetricWeightOperator):
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         steps = V * (self.eps / safe)
         out = torch.zeros_like(V)
-        for s in self._chunks(2 * V.shape[1]):
-            out += self.lin.gradients_at(self.x[s], self._kl_of_outputs(s), steps)
+        for xs, s in self._chunks(2 * V.shape[1]):
+            out += self.lin.gradients_at(xs, self._kl_of_outputs(s), steps)
         return out * torch.where(norms > 0, safe / self.eps, torch.zeros_like(norms))
 
     def _autograd(self, V: Tensor) -> Tensor:
         """∇²L(θ̂) V (by default forward-over-reverse, jvp of grad), all r columns at once."""
         out = torch.zeros_like(V)
-        for s in self._chunks(2 * V.shape[1]):
-            out += self.lin.hessian_product(self.x[s], self._kl_of_outputs(s), V)
+        for xs, s in self._chunks(2 * V.shape[1]):
+            out += self.lin.hessian_product(xs, self._kl_of_outputs(s), V)
         return out
 
     def __repr__(self) -> str:
         return (
-            f"GGNOperator(p={self.lin.num_params}, n={self.x.shape[0]}, likelihood={self.likelihood!r}, "
+            f"GGNOperator(p={self.lin.num_params}, n={self.f.shape[0]}, likelihood={self.likelihood!r}, "
             f"method={self.method!r}, reduction={self.reduction!r})"
         )
 

@@ -22,19 +22,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fntk import inputs
 from fntk.likelihoods import Likelihood, resolve
 from fntk.linearize import Linearized
 from fntk.linearize.taps import analyze, features
 
 
 def prepare(lin, x, likelihood, y, f):
-    """Checked (x, y, f) for a GGN of ``likelihood`` at ``lin``'s outputs (f given: x, y are checked)."""
+    """Checked (x, y, f) for a GGN of ``likelihood`` at ``lin``'s outputs (f given: x, y are checked).
+    A loader x becomes a validated :class:`fntk.inputs.Stream` (f from one streamed forward)."""
     if not isinstance(lin, Linearized):
         raise TypeError(f"lin must be a fntk.Linearized, got {type(lin).__name__}")
     if not isinstance(likelihood, Likelihood):
         raise TypeError(f"likelihood must be a fntk.likelihoods.Likelihood, got {type(likelihood).__name__}")
     if f is None:
-        x = lin.check_input(x)
+        x = inputs.Stream.of(x, "x") if inputs.is_loader(x) else lin.check_input(x)
         f = likelihood.check_outputs(lin.forward(x), "model output")
         y = likelihood.check_target(y, f)
     return x, y, f
@@ -44,6 +46,15 @@ def _scale(reduction: str, n: int) -> float:
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     return 1.0 if reduction == "sum" else 1.0 / n
+
+
+def _over_batches(lin, x, y, f, part) -> Tensor:
+    """Σ_b part(x_b, y_b, f_b) over the batches of a loader x, y and f (n, ...) split by the batches' rows."""
+    total = None
+    for xb, s in lin.row_chunks(x, None):
+        term = part(xb, None if y is None else y[s], f[s])
+        total = term if total is None else total + term
+    return total
 
 
 def _layer_params(L) -> list[str]:
@@ -64,9 +75,13 @@ def ggn_diagonal(
     ``likelihood``: a :class:`~fntk.likelihoods.Likelihood` or its name (:func:`fntk.likelihoods.resolve`).
     ``f``: the outputs (n, k) at which H is taken (then x and y must be checked already);
     ``structured=False`` uses per-example Jacobians for every parameter (slower; for checks).
+    x may be a loader (re-iterable of batches): the diagonal is summed batch by batch.
     """
     likelihood = resolve(likelihood)
     x, y, f = prepare(lin, x, likelihood, y, f)
+    if inputs.is_loader(x):
+        return _scale(reduction, f.shape[0]) * _over_batches(
+            lin, x, y, f, lambda xb, yb, fb: ggn_diagonal(lin, xb, likelihood, yb, "sum", structured, fb))
     Q, lam = likelihood.pure_factors(f, y)  # (n, k, m), (n, m)
     n, m = f.shape[0], Q.shape[2]
     if structured:
@@ -126,9 +141,13 @@ def ggn_dense(
     reduction: str = "sum",
     f: Tensor | None = None,
 ) -> Tensor:
-    r"""Dense G = s Σ_i B_iᵀ diag(λ_i) B_i (p, p), B_i = Q_iᵀ J_i, from chunks of per-example Jacobians."""
+    r"""Dense G = s Σ_i B_iᵀ diag(λ_i) B_i (p, p), B_i = Q_iᵀ J_i, from chunks of per-example Jacobians
+    (a loader x: summed batch by batch)."""
     likelihood = resolve(likelihood)
     x, y, f = prepare(lin, x, likelihood, y, f)
+    if inputs.is_loader(x):
+        return _scale(reduction, f.shape[0]) * _over_batches(
+            lin, x, y, f, lambda xb, yb, fb: ggn_dense(lin, xb, likelihood, yb, "sum", fb))
     Q, lam = likelihood.pure_factors(f, y)
     n, k = f.shape
     p = lin.num_params
