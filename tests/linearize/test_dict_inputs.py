@@ -133,6 +133,22 @@ def test_estimators_on_dict_inputs(case):
     assert rel_err(post2.mean, post.mean) <= TOL and rel_err(post2.variance, post.variance) <= TOL
 
 
+def test_joint_predictions_samples_and_saving(case, tmp_path):
+    """The classifier's joint covariance and samples, and save/load, with dict inputs."""
+    model, _, _, xs, _ = case
+    g = torch.Generator().manual_seed(2)
+    xtr, y = text_batch(g, 9), torch.tensor([0, 1, 2] * 3)
+    clf = fntk.LinearizedClassifier(model, inference="laplace", prior_precision=1.0).fit(xtr, y)
+    mean, cov = clf.predict_f_joint(xs)
+    m1, c1 = clf.predict_f(xs)
+    blocks = cov.reshape(4, 3, 4, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    assert rel_err(mean, m1) <= TOL and rel_err(blocks, c1) <= TOL
+    assert clf.sample(xs, 5, generator=torch.Generator().manual_seed(0)).shape == (5, 4, 3)
+    clf.save(tmp_path / "clf.fntk")
+    again = fntk.load(tmp_path / "clf.fntk", model)
+    assert torch.equal(again.predict_proba(xs), clf.predict_proba(xs))
+
+
 def test_regressor_against_the_dense_reference(case):
     """Fixed hyperparameters: the posterior mean and variance from the dense float64 kernel."""
     model, _, x, xs, J = case

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from fntk import persist
+from fntk import inputs, persist
 from fntk.classify.objective import (
     F64,
     FitInfo,
@@ -180,7 +180,7 @@ class FunctionSpace:
         """(K(x, X) (m·k × n·k), K(x, x) (m·k × m·k)), float64 point-major, from one kernel of the
         concatenation [x; X] (the per-point work of :func:`fntk.ntk` done once per point)."""
         mk = x.shape[0] * self.k
-        K = kernel_matrix(self.lin, torch.cat([x, self.x]), None, cache=False)
+        K = kernel_matrix(self.lin, inputs.cat([x, self.x]), None, cache=False)
         return K[:mk, mk:], K[:mk, :mk]
 
     def predict_joint(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,8 +41,6 @@ class Batch:
         shape: ``torch.Size([n])``, the one axis the entries share (as a tensor's ``shape[0]``).
     """
 
-    __slots__ = ("data",)
-
     def __init__(self, data: Mapping[str, Tensor], name: str = "x"):
         if not isinstance(data, Mapping):
             raise TypeError(f"{name} must be a dict of tensors, got {type(data).__name__}")

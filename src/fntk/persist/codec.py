@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from fntk.inputs import Batch
 from fntk.likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Poisson
 from fntk.linearize import Linearized
 from fntk.ntk import NTKMethod
@@ -39,7 +40,7 @@ def register(kind: str) -> Callable[[T], T]:
     return deco
 
 
-for _cls in (Gaussian, HeteroscedasticGaussian, Categorical, Bernoulli, Poisson, NTKMethod):
+for _cls in (Gaussian, HeteroscedasticGaussian, Categorical, Bernoulli, Poisson, NTKMethod, Batch):
     register(f"{_cls.__module__.split('.')[1]}.{_cls.__name__}")(_cls)
 
 #: format 1 (fntk 0.1.0) named classes by module path: path → kind (None: rebuilt on restore)
