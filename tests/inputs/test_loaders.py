@@ -168,3 +168,20 @@ def test_loader_refusals(data):
     small = fntk.Linearized(net, memory_budget=23 * 3 * lin.num_params * 8 - 1)
     with pytest.raises(NTKMemoryError, match=r"Jacobian of shape \(23, 3,"):
         small.jacobian(DataLoader(TensorDataset(x), batch_size=7))
+
+
+def test_ggn_of_a_loader_takes_the_tapped_products_batch_by_batch():
+    """Networks of Linear layers: the tapped GEMM products, their taps recomputed per batch (never
+    kept for a loader), equal the tensor path and the dense reference."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 4)).to(F64)
+    lin = fntk.Linearized(net)
+    x = torch.randn(60, 3, dtype=F64)
+    J = dense_jacobian(net, x)
+    P = torch.softmax(lin.forward(x), -1)
+    G = torch.einsum("nkp,nkl,nlq->pq", J, torch.diag_embed(P) - P[:, :, None] * P[:, None, :], J)
+    V = torch.randn(lin.num_params, 16, dtype=F64)
+    a = fntk.GGNOperator(lin, x, "categorical")
+    b = fntk.GGNOperator(lin, DataLoader(TensorDataset(x), batch_size=25), "categorical")
+    assert rel_err(b @ V, a @ V) <= TOL and rel_err(b @ V, G @ V) <= TOL
+    assert b._tapped(16) is not None and not b._taps["tj"].cached()

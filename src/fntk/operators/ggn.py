@@ -174,18 +174,19 @@ class GGNOperator(SymmetricWeightOperator):
     def _tapped(self, r: int) -> TappedJacobian | None:
         """The tapped products when they apply and the cost model prefers them for r columns."""
         lin, x = self.lin, self.x
-        if isinstance(x, inputs.Stream):  # the taps would hold the whole input: stream instead
-            return None
+        stream = isinstance(x, inputs.Stream)
         if "tj" in self._taps:
             tj = self._taps["tj"]
-        else:
-            an = tapped_layers(lin, x)
-            tj = self._taps["tj"] = None if an is None else TappedJacobian(lin, x, an)
+        else:  # a loader: the analysis from its first batch; the taps are never kept (streamed)
+            first = next(iter(lin.batches(x))) if stream else x
+            an = tapped_layers(lin, first)
+            tj = self._taps["tj"] = None if an is None else TappedJacobian(lin, first, an, keep=not stream)
         if tj is None:
             return None
-        F, n, k = analyze(lin, x).flops, x.shape[0], lin.num_outputs
+        F, n, k = analyze(lin, tj.x).flops, self.f.shape[0], lin.num_outputs
+        column_flops = tj.column_flops * n / tj.x.shape[0]  # tj holds the first batch of a loader
         options = {
-            "tapped": tapped_product_seconds(F, n, k, r, tj.column_flops, tj.cached(), 2),
+            "tapped": tapped_product_seconds(F, n, k, r, column_flops, tj.cached(), 2),
             "autodiff": ggn_product_seconds(F, n, r, lin.slowdown("jvp"), lin.slowdown("vjp")),
         }
         return tj if cheapest(options, "the GGN product") == "tapped" else None
@@ -199,9 +200,16 @@ class GGNOperator(SymmetricWeightOperator):
             self._hop = self.likelihood.hessian_operator(self.f, self.y)
         hop = self._hop
         tj = self._tapped(V.shape[1])
-        if tj is not None:
+        if tj is not None and not isinstance(self.x, inputs.Stream):
             return tj.ggn(V, hop)
         out = torch.zeros_like(V)
+        if tj is not None:  # a loader: the tapped GEMMs batch by batch, hop on the global rows
+            for xb, s in lin.row_chunks(self.x):
+                def shifted(u: Tensor, t: slice, s: slice = s) -> Tensor:
+                    return hop(u, slice(s.start + t.start, s.start + t.stop))
+
+                out += TappedJacobian(lin, xb, tj.an, keep=False).ggn(V, shifted)
+            return out
         for xs, s in self._chunks(V.shape[1]):
             out += lin.ggn_block(xs, V, lambda u, s=s: hop(u, s))
         return out
