@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import fntk
 from fntk.likelihoods import Categorical
@@ -183,3 +184,61 @@ def test_dict_refusals(case):
     bad[1] = {"input_ids": bad[1]["input_ids"]}
     with pytest.raises(ValueError, match=r"batch 1 of x is a dict \{'input_ids'.*batch 0 was a dict"):
         lin.forward(bad)
+
+
+class Packed(nn.Module):
+    """The same network taking one int64 tensor (n, 2, L): ids and mask stacked (the tensor path)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, t):
+        return self.m(input_ids=t[:, 0], attention_mask=t[:, 1])
+
+
+CLASSIFIERS = {
+    "vi": dict(inference="vi"),
+    "vi_meanfield": dict(inference="vi", vi_family="meanfield"),
+    "laplace_weight": dict(inference="laplace", space="weight"),
+    "map_lbfgs": dict(inference="map", solver="lbfgs", batch_size=4),
+    "laplace_cv": dict(inference="laplace", prior_precision="cv", cv_folds=3),
+    "laplace_last_layer": dict(inference="laplace", params=["classifier.weight", "classifier.bias"]),
+    "laplace_marglik": dict(inference="laplace", prior_precision="marglik"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+def test_classifier_variants_equal_the_tensor_path(case, name):
+    """Every backend on dict inputs equals the same network fed one packed tensor (float64)."""
+    model = case[0]
+    g = torch.Generator().manual_seed(3)
+    x, xs = text_batch(g, 15), text_batch(g, 4)
+    y = torch.tensor([0, 1, 2] * 5)
+    kw = {"prior_precision": 1.0, **CLASSIFIERS[name]}
+    params = kw.pop("params", None)
+    a = fntk.LinearizedClassifier(model, params, **kw).fit(x, y)
+    b = fntk.LinearizedClassifier(Packed(model), None if params is None else ["m." + p for p in params],
+                                  **kw).fit(_packed(x), y)
+    assert a.space_ == b.space_
+    assert rel_err(a.predict_proba(xs), b.predict_proba(_packed(xs))) <= TOL
+    assert rel_err(a.weights(), b.weights()) <= TOL
+
+
+def _packed(x: dict) -> torch.Tensor:
+    return torch.stack([x["input_ids"], x["attention_mask"]], 1)
+
+
+# the automatic choice without input kernels: dict inputs leave them out (no feature vector)
+@pytest.mark.parametrize("options", [dict(space="weight"), dict(solver="iterative"),
+                                     dict(gp_model=["network", "constant", "scaled"])])
+def test_regressor_variants_equal_the_tensor_path(case, options):
+    model = case[0]
+    g = torch.Generator().manual_seed(4)
+    x, xs = text_batch(g, 12), text_batch(g, 4)
+    y = torch.sin(torch.arange(12, dtype=F64))
+    a = fntk.NTKRegressor(model, output=2, **options).fit(x, y)
+    b = fntk.NTKRegressor(Packed(model), output=2, **options).fit(_packed(x), y)
+    pa, pb = a.predict(xs), b.predict(_packed(xs))
+    assert a.space_ == b.space_ and a.model_ == b.model_
+    assert rel_err(pa.mean, pb.mean) <= TOL and rel_err(pa.variance, pb.variance) <= TOL
