@@ -123,3 +123,11 @@ def test_stream_refuses_a_loader_that_changes_between_passes():
     s.collect()
     with pytest.raises(ValueError, match="yielded 6 points on this pass but 4 on the first"):
         s.collect()
+
+
+def test_labels_of_a_dict_are_targets_never_inputs():
+    ids = torch.ones(3, 4, dtype=torch.long)
+    x = {"input_ids": ids, "labels": torch.tensor([0, 1, 1])}
+    assert list(as_inputs(x).keys()) == ["input_ids"]
+    xb, yb = fit_data(x, None)
+    assert torch.equal(yb, torch.tensor([0, 1, 1])) and list(as_inputs(xb).keys()) == ["input_ids"]

@@ -104,7 +104,7 @@ def test_ggn_diagonal_and_dense_functions(data):
     assert rel_err(a @ V, b @ V) <= TOL
 
 
-def test_regressor_fit_and_predict(data):
+def test_regressor_fit_and_predict(data, capsys):
     net, _, x, _, _ = data
     y = torch.sin(x[:, 0, :3].sum(1))
     loader = DataLoader(TensorDataset(x, y), batch_size=6)
@@ -116,8 +116,11 @@ def test_regressor_fit_and_predict(data):
         assert rel_err(pb.mean, pa.mean) <= TOL and rel_err(pb.variance, pa.variance) <= TOL
         assert rel_err(pb.predictive_variance, pa.predictive_variance) <= TOL
         assert rel_err(pb.covariance_matrix, pa.covariance_matrix) <= TOL
+    bar = fntk.NTKRegressor(net, output=0, optimize=False, noise=0.1, progress=True).fit(x, y)
+    assert rel_err(bar.predict(DataLoader(TensorDataset(x), batch_size=8)).mean, bar.predict(x).mean) <= TOL
     multi = fntk.NTKRegressor(net, output=None, optimize=False, noise=0.1)
     Y = torch.stack([y, -y, 2 * y], 1)
+    assert "NTKRegressor.predict" in capsys.readouterr().err  # the bar over the 3 batches
     multi.fit(DataLoader(TensorDataset(x, Y), batch_size=5))
     ref = fntk.NTKRegressor(net, output=None, optimize=False, noise=0.1).fit(x, Y)
     assert rel_err(multi.predict([x[:4], x[4:9]]).mean, ref.predict(x[:9]).mean) <= TOL

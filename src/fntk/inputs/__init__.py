@@ -11,6 +11,7 @@
 """
 
 from fntk.inputs.batch import (
+    LABELS,
     Batch,
     Index,
     Inputs,
@@ -28,7 +29,7 @@ from fntk.inputs.batch import (
     signature,
     tree,
 )
-from fntk.inputs.loader import LABELS, Stream, collect_inputs, fit_data, is_loader, num_batches
+from fntk.inputs.loader import Stream, collect_inputs, fit_data, is_loader, num_batches
 
 __all__ = [
     "Batch", "Index", "Inputs", "as_inputs", "call_args", "cast", "cat", "describe", "feature_shape",

@@ -6,7 +6,8 @@ of the library handles both kinds the same way:
 - a tensor x (n, *feature_shape), passed to the model as ``model(x)``;
 - a :class:`Batch`, a dict of tensors that all have n rows on axis 0 (Hugging Face style:
   ``input_ids`` (n, L), ``attention_mask`` (n, L), ``pixel_values`` (n, 3, H, W), ...), passed to
-  the model as keyword arguments, ``model(**batch)``.
+  the model as keyword arguments, ``model(**batch)``; a ``"labels"`` entry holds targets and is
+  never passed to the model.
 
 Row operations (slicing, index selection, concatenation, per-point views for vmap) act on axis 0
 of every tensor of a dict alike. Casting (:func:`cast`) moves every tensor to the model's device
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the key of a dict that holds the targets (Hugging Face's convention): never a model input
+LABELS = "labels"
 #: Index: a slice, a 1-d integer/boolean tensor or a sequence of ints (rows to keep)
 Index = slice | Tensor | Sequence[int]
 
@@ -115,12 +118,13 @@ def describe(x: Any) -> str:
 
 
 def as_inputs(x: Any, name: str = "x") -> Inputs:
-    """x itself if it is a tensor or a :class:`Batch`; a mapping of tensors becomes a Batch;
-    anything else is refused with a TypeError naming ``name``."""
+    """x itself if it is a tensor or a :class:`Batch`; a mapping of tensors becomes a Batch without
+    its ``"labels"`` entry (targets, never passed to the model); anything else is refused with a
+    TypeError naming ``name``."""
     if isinstance(x, (Tensor, Batch)):
         return x
     if isinstance(x, Mapping):
-        return Batch(x, name)
+        return Batch({k: v for k, v in x.items() if k != LABELS}, name)
     raise TypeError(
         f"{name} must be a torch.Tensor (n, ...), a dict of tensors batched along axis 0 (passed to the "
         f"model as model(**x)) or a re-iterable of such batches (a DataLoader), got {type(x).__name__}"
@@ -195,5 +199,6 @@ def row_keys(x: Inputs) -> list[bytes]:
     return [b"".join(f[i].tobytes() for f in flat) for i in range(rows(x))]
 
 
-__all__ = ["Inputs", "Index", "Batch", "describe", "as_inputs", "rows", "cat", "cast", "map_tensors",
-           "repeat_first", "tree", "point_batch", "call_args", "feature_shape", "signature", "row_keys"]
+__all__ = ["LABELS", "Inputs", "Index", "Batch", "describe", "as_inputs", "rows", "cat", "cast",
+           "map_tensors", "repeat_first", "tree", "point_batch", "call_args", "feature_shape", "signature",
+           "row_keys"]

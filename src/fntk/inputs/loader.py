@@ -25,10 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fntk.inputs.batch import Batch, Inputs, as_inputs, cat, describe, rows, signature
-
-#: the key of a dict batch that holds the targets (Hugging Face's convention); never a model input
-LABELS = "labels"
+from fntk.inputs.batch import LABELS, Batch, Inputs, as_inputs, cat, describe, rows, signature
 
 
 def is_loader(x: Any) -> bool:
@@ -200,8 +197,10 @@ def collect_inputs(x: Any, name: str = "x") -> Any:
 
 
 def fit_data(x: Any, y: Any, name: str = "x") -> tuple[Any, Any]:
-    """(x, y) for a fit: a loader of (x_b, y_b) batches (``y`` None) is collected into tensors; else
-    (x, y) unchanged (y required)."""
+    """(x, y) for a fit: a loader of (x_b, y_b) batches (``y`` None) is collected into tensors; a
+    dict with a ``"labels"`` entry (``y`` None) gives y from it; else (x, y) unchanged (y required)."""
+    if isinstance(x, Mapping) and LABELS in x and y is None:
+        return x, x[LABELS]  # as_inputs leaves the labels out of the model's inputs
     if is_loader(x):
         if y is not None:
             raise ValueError(
@@ -217,4 +216,4 @@ def fit_data(x: Any, y: Any, name: str = "x") -> tuple[Any, Any]:
     return x, y
 
 
-__all__ = ["LABELS", "is_loader", "Stream", "num_batches", "collect_inputs", "fit_data"]
+__all__ = ["is_loader", "Stream", "num_batches", "collect_inputs", "fit_data"]
