@@ -92,7 +92,7 @@ class Stream:
             raise TypeError(
                 f"{name} must be a re-iterable of batches (a DataLoader), got {type(data).__name__}"
             )
-        if iter(data) is data:
+        if isinstance(data, Iterator):  # has __next__: a single pass (iter() of it is itself)
             raise TypeError(
                 f"{name} is a one-shot iterator ({type(data).__name__}): fntk passes over the batches "
                 "more than once (operators once per product); pass a re-iterable such as a "
