@@ -131,3 +131,9 @@ def test_labels_of_a_dict_are_targets_never_inputs():
     assert list(as_inputs(x).keys()) == ["input_ids"]
     xb, yb = fit_data(x, None)
     assert torch.equal(yb, torch.tensor([0, 1, 1])) and list(as_inputs(xb).keys()) == ["input_ids"]
+
+
+def test_python_numbers_are_refused_with_the_conversion():
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor .*batch 0 of x is a list holding a float.*"
+                                        r"torch.tensor"):
+        Stream([[1.0, 2.0, 3.0]]).collect()

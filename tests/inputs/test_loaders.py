@@ -61,8 +61,11 @@ def test_kernels_and_operators(data):
     assert rel_err(K, fntk.ntk(lin, x)) <= TOL and rel_err(K, torch.einsum("ikp,jlp->ikjl", J, J)) <= TOL
     assert rel_err(fntk.ntk(lin, loader, x[:5], outputs=1), J[:, 1] @ J[:5, 1].T) <= TOL
     V, U = torch.randn(lin.num_params, 2, dtype=F64), torch.randn(23 * 3, 2, dtype=F64)
-    Jop = fntk.JacobianOperator(lin, loader)
+    Jop = fntk.JacobianOperator(lin, loader)  # streams its batches
+    assert Jop.shape == (69, lin.num_params) and isinstance(Jop.x, fntk.inputs.Stream)
     assert rel_err(Jop @ V, Jm @ V) <= TOL and rel_err(Jop.mT @ U, Jm.T @ U) <= TOL
+    assert rel_err(Jop.mT.mT @ V[:, 0], Jm @ V[:, 0]) <= TOL and rel_err(Jop.to_dense(), Jm) <= TOL
+    assert rel_err(Jop.mT.to_dense(), Jm.T) <= TOL
     Kop = fntk.NTKOperator(lin, loader, dense=False)
     assert rel_err(Kop @ U, Jm @ (Jm.T @ U)) <= TOL
 

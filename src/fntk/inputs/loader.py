@@ -39,6 +39,13 @@ def _split(batch: Any, i: int, name: str) -> tuple[Inputs, Tensor | None]:
     """(x_b, y_b or None) of one batch (see the module doc)."""
     where = f"batch {i} of {name}"
     if isinstance(batch, (tuple, list)):
+        odd = next((item for item in batch if not isinstance(item, (Tensor, Mapping, Batch))), None)
+        if odd is not None:
+            raise TypeError(
+                f"{name} must be a torch.Tensor (n, ...), a dict of tensors or a re-iterable of batches "
+                f"of them; {where} is a {type(batch).__name__} holding a {type(odd).__name__} (Python "
+                "numbers or lists?): convert the data with torch.tensor(...) or torch.stack(...)"
+            )
         if len(batch) not in (1, 2):
             raise ValueError(
                 f"{where} is a {type(batch).__name__} of {len(batch)} items; expected x_b, (x_b,) or "
