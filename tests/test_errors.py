@@ -116,7 +116,8 @@ CASES = [
         "empty",
     ),
     ("ggn-method", lambda: fntk.GGNOperator(lin(), X, Gaussian(), method="fisher"), ValueError, "exact"),
-    ("ggn-likelihood", lambda: fntk.GGNOperator(lin(), X, "gaussian"), TypeError, "likelihood"),
+    ("ggn-likelihood", lambda: fntk.GGNOperator(lin(), X, "gausian"), ValueError, "gaussian"),
+    ("ggn-likelihood-type", lambda: fntk.GGNOperator(lin(), X, 3), TypeError, "likelihood"),
     ("ggn-y-length", lambda: fntk.GGNOperator(lin(3), X, Categorical(), y=LABELS[:4]), ValueError, "6"),
     # --- NTKRegressor
     ("reg-space", lambda: fntk.NTKRegressor(_mlp(), space="hilbert"), ValueError, "weight"),
