@@ -18,7 +18,6 @@ from fntk.classify.objective import (
     line_search,
     lower_solve,
     nll_sum,
-    notify,
     prior_mean_function,
     top_eig,
 )
@@ -92,13 +91,7 @@ class FunctionSpace:
             terms = Terms(self.lik, f, self.y)
             gn = self.grad_norm(terms, lam)
             obj = self._objective(self.a, lam, terms)
-            notify(self, it, obj, gn)
-            info.history.append((obj, gn))
-            info.n_iter, info.grad_norm, info.objective = it, gn, obj
-            if gn <= tol:
-                info.converged = True
-                break
-            if it == max_iter:
+            if info.step(self, it, obj, gn, tol, max_iter):
                 break
             L = terms.L
             h = (f - self.m0).reshape(-1)

@@ -38,7 +38,6 @@ from fntk.classify.objective import (
     hessian_derivative,
     line_search,
     nll_sum,
-    notify,
     pcg,
 )
 from fntk.likelihoods import Likelihood
@@ -167,13 +166,7 @@ class LastLayer:
             G = terms.g.T @ self.Phi + lam * dW0
             gn = float(G.norm())
             obj = terms.value + 0.5 * lam * float(dW0.square().sum())
-            notify(self, it, obj, gn)
-            info.history.append((obj, gn))
-            info.n_iter, info.grad_norm, info.objective = it, gn, obj
-            if gn <= tol:
-                info.converged = True
-                break
-            if it == max_iter:
+            if info.step(self, it, obj, gn, tol, max_iter):
                 break
             D = -self._direction(terms, G, gn, lam)
             if float(D.norm()) <= 1e-15 * float(self.Wm.norm()):  # the step is below Θ's rounding

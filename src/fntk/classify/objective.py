@@ -73,6 +73,15 @@ class FitInfo:
     objective: float = float("nan")
     history: list = field(default_factory=list)
 
+    def step(self, backend: object, it: int, obj: float, gn: float, tol: float, max_iter: int) -> bool:
+        """Record Newton step ``it`` (objective Ψ, ‖∇Ψ‖), tell the user's callback (:func:`notify`);
+        True when the solve stops here: converged (‖∇Ψ‖ ≤ tol) or out of iterations."""
+        notify(backend, it, obj, gn)
+        self.history.append((obj, gn))
+        self.n_iter, self.grad_norm, self.objective = it, gn, obj
+        self.converged = gn <= tol
+        return self.converged or it == max_iter
+
 
 def pcg(
     matmul: Callable[[Tensor], Tensor],

@@ -125,13 +125,7 @@ class WeightSpace:
             g = self.jtu(terms.g[..., None])[:, 0] + lam * dw0
             gn = float(g.norm())
             obj = terms.value + 0.5 * lam * float(dw0 @ dw0)
-            notify(self, it, obj, gn)
-            info.history.append((obj, gn))
-            info.n_iter, info.grad_norm, info.objective = it, gn, obj
-            if gn <= tol:
-                info.converged = True
-                break
-            if it == max_iter:
+            if info.step(self, it, obj, gn, tol, max_iter):
                 break
             if self.dense:
                 d = -self._dense_direction(terms.L, g, gn, lam)
