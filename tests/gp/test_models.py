@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fntk
-from fntk.gp import NTKRegressor
+from fntk.gp import NTKRegressor, kernels
 from fntk.gp.models import GPModel, default_candidates
 
 from models import tanh_mlp
@@ -348,3 +348,19 @@ def test_fits_inside_cached_kernels_leave_the_cached_kernel_intact():
         inside = [NTKRegressor(lin, **kw).fit(x, y).predict(xs).mean for kw in kinds * 2]
     for a, b in zip(outside * 2, inside):
         assert rel_err(b, a) <= 1e-12
+
+
+def test_median_lengthscales_equal_the_pairwise_median_without_the_pairwise_tensor():
+    """The initial lengthscales: per-dimension median |u_id − u_jd| (ARD, d ≤ 32) or the median
+    Euclidean distance (shared), over pairs i < j, equal to the explicit (pairs, d) reference; the
+    shared case on 1,200 points of 2,025 features stays O(n²) (the pairwise tensor would be 12 GB)."""
+    torch.manual_seed(0)
+    for n, d in ((40, 3), (40, 32), (40, 33), (2, 5)):
+        U = torch.randn(n, d, dtype=torch.float64) * torch.linspace(0.5, 3, d, dtype=torch.float64)
+        i, j = torch.triu_indices(n, n, 1)
+        diff = U[i] - U[j]
+        ref = diff.abs().median(0).values if d <= kernels.ARD_MAX_DIMS else diff.norm(dim=-1).median()[None]
+        assert rel_err(kernels.median_lengthscales(U), ref) < 1e-13
+    U = torch.randn(1200, 2025, dtype=torch.float64)
+    ls = kernels.median_lengthscales(U)
+    assert ls.shape == (1,) and abs(float(ls) - math.sqrt(2 * 2025)) / math.sqrt(2 * 2025) < 0.01
