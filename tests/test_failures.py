@@ -31,12 +31,7 @@ Y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(12, dtype=F64, generator=g)
 LABELS = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(k: int = 1, seed: int = 0) -> nn.Module:

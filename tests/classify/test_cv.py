@@ -17,12 +17,7 @@ DT = torch.float64
 GRID = (0.1, 1.0, 10.0, 100.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(n=36, k=3, seed=0):

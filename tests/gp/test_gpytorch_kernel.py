@@ -15,12 +15,7 @@ from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NTKGP(gpytorch.models.ExactGP):

@@ -19,12 +19,7 @@ F64 = torch.float64
 LOG2PI = math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(n=30, k=2, seed=0, width=8):

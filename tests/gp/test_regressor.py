@@ -16,13 +16,7 @@ SOLVERS = [("function", "direct"), ("weight", "direct"), ("function", "iterative
 EXACT = {"cg_tolerance": 1e-10, "lanczos_iterations": 400}  # iterative: CG to 1e-10, full Krylov space
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread is faster and immune to a busy machine's thread contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_gp(model, x, y, xs, s, noise, b, output=0, mean="network"):

@@ -22,12 +22,7 @@ XT = torch.randn(8, 2, dtype=F64, generator=g)
 Y = torch.sin(2 * X[:, 0]) + 0.5 * X[:, 1] + 0.1 * torch.randn(30, dtype=F64, generator=g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net(dtype=F64) -> torch.nn.Module:

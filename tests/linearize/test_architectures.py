@@ -29,12 +29,7 @@ TOL_SOLVE = 1e-8  # GP and classifier predictions (a Cholesky / Newton solve in 
 NO_DOUBLE_BACKWARD = {"hardswish_se", "embedding_bag"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _SETUPS: dict = {}

@@ -16,13 +16,7 @@ from reference import assert_same_fingerprint, dense_jacobian, fingerprint, rel_
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny kernels: with other processes on the machine, OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["structured", "contraction", "products", "auto"]
 OUTPUTS = ["full", 1, "independent"]
 
