@@ -37,30 +37,18 @@ snapshotted when the classifier is constructed.
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
-import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fntk import inputs, persist, validation
-from fntk.classify import cost
+from fntk.classify import cost, fitting, posterior
 from fntk.classify import cv as _cv
-from fntk.classify import meanfield as _mf
-from fntk.classify import vi as _vi
-from fntk.classify.evidence import MarglikInfo, optimize_prior_precision
-from fntk.classify.function_space import FunctionSpace
-from fntk.classify.labels import check_labels
-from fntk.classify.last_layer import LastLayer
-from fntk.classify.objective import F64, FitInfo, prior_mean_function
 from fntk.classify.predictive import glm_predictive, sample_logits
-from fntk.classify.weight_space import WeightSpace
 from fntk.errors import NotFittedError
-from fntk.likelihoods import Bernoulli, Categorical, Likelihood
 from fntk.linearize import Linearized, ParamSelection, as_linearized
 from fntk.linearize.outputs import OutputFn
 from fntk.validation import check_callback, choice, positive_int
@@ -73,7 +61,7 @@ SOLVERS = ("newton", "lbfgs")
 COVARIANCES = ("auto", "dense", "lowrank")
 VI_FAMILIES = ("subspace", "meanfield")
 DENSE_MAX_PARAMS = cost.DENSE_MAX_PARAMS
-Backend = FunctionSpace | WeightSpace | LastLayer
+Backend = fitting.Backend
 #: default ``time_limit``: fits the cost model estimates above one hour are refused
 DEFAULT_TIME_LIMIT = 3600.0
 #: attributes of objects saved before they existed (set on load)
@@ -264,133 +252,8 @@ class LinearizedClassifier:
         return self
 
     def _fit(self, x: Tensor, y: Tensor, callback: Callable[[dict], None] | None) -> None:
-        t0 = time.perf_counter()
-        x = self.lin.check_input(x)
-        n, k = x.shape[0], self.lin.num_outputs
-        y = check_labels(y, n, k).to(self.lin.device)
-        space, dense = cost.choose(self.lin, n, k, self.space, self.solver, self.covariance)
-        self.likelihood_: Likelihood = Categorical() if k >= 2 else Bernoulli()
-        marglik = self.prior_precision == "marglik"
-        plan = cost.last_layer_plan(
-            self.lin, x, self.likelihood_, self.space, self.solver, self.covariance, marglik
-        )
-        if plan is not None:  # a final linear layer on fixed features: the exact Kronecker backend
-            space, seconds = "last-layer", plan.seconds
-        else:
-            seconds = cost.estimate_seconds(self.lin, x, space, dense, self.solver, marglik, self.rank)
-        cost.check_time(seconds, self.time_limit, n, self.lin.num_params, f"{space} space")
-        self._y = y if k >= 2 else y.to(F64)[:, None]
-        self.num_classes_ = max(k, 2)
-        mu0 = None
-        if self.prior_mean == "zero":
-            mu0 = torch.zeros(self.lin.num_params, dtype=F64, device=self.lin.device)
-        if plan is not None:
-            backend: Backend = LastLayer(self.lin, x, self._y, self.likelihood_, mu0, plan.info, plan.factor)
-        elif space == "function":
-            backend = FunctionSpace(self.lin, x, self._y, self.likelihood_, mu0)
-        else:
-            backend = WeightSpace(
-                self.lin,
-                x,
-                self._y,
-                self.likelihood_,
-                mu0,
-                dense=dense,
-                rank=self.rank,
-                solver=self.solver,
-                batch_size=self.batch_size,
-            )
-        backend.callback = callback
-        self.space_ = space if space != "weight" else ("weight-dense" if dense else "weight-lowrank")
-        self.estimated_seconds_ = seconds
-        try:
-            if self.prior_precision == "marglik":
-                lam, info, ml = optimize_prior_precision(backend, self.tol, self.max_iter)
-            elif self.prior_precision == "cv":
-                lam, ml = self._cross_validate(x, y, space, callback), MarglikInfo()
-                info = backend.fit(lam, self.tol, self.max_iter)
-            else:
-                lam, ml = float(self.prior_precision), MarglikInfo()
-                info = backend.fit(lam, self.tol, self.max_iter)
-        finally:
-            backend.callback = None  # not kept with the fitted state
-        self._backend = None  # fitted only once every stage has finished
-        self._set_map_info(lam, info, ml)
-        if self.inference == "vi":
-            self._fit_vi(backend, x, callback)
-        self._backend = backend
-        self.fit_seconds_ = time.perf_counter() - t0
+        fitting.fit(self, x, y, callback)
 
-    def _cross_validate(self, x: Tensor, y: Tensor, space: str, callback: Callable[[dict], None] | None
-                        ) -> float:
-        """λ̂ by K-fold cross-validation (:mod:`fntk.classify.cv`): fits of copies of this classifier
-        (same options, a fixed λ) on the training folds; sets ``cv_history_``."""
-        grid, folds = self.cv_grid, self.cv_folds
-        cost.check_time(self.estimated_seconds_ * (folds * len(grid) + 1), self.time_limit, x.shape[0],
-                        self.lin.num_params, f"{space} space, {folds}-fold CV over {len(grid)} λ")
-
-        def fit_predict(x_tr: Tensor, y_tr: Tensor, x_va: Tensor, lam: float) -> Tensor:
-            fold = copy.copy(self)  # this classifier's options, its own state and lock
-            fold.prior_precision, fold.progress, fold._backend = lam, False, None
-            fold._lock = threading.RLock()
-            with warnings.catch_warnings():  # a fold fit short of tol still scores its fold
-                warnings.filterwarnings("ignore", "MAP solve stopped", RuntimeWarning)
-                fold._fit(x_tr, y_tr, callback)
-            return fold.predict_proba(x_va)
-
-        lam, self.cv_history_ = _cv.cross_validate(fit_predict, x, y, grid, folds, self.seed)
-        return lam
-
-    def _set_map_info(self, lam: float, info: FitInfo, ml: MarglikInfo) -> None:
-        self.prior_precision_ = lam
-        self.converged_, self.n_iter_, self.grad_norm_ = info.converged, info.n_iter, info.grad_norm
-        self.map_history_ = info.history
-        self.marglik_history_ = ml.history
-        if not info.converged:
-            why = (
-                f"max_iter={self.max_iter} reached"
-                if info.n_iter >= self.max_iter
-                else "the objective no longer decreases at this precision"
-            )
-            warnings.warn(
-                f"MAP solve stopped after {info.n_iter} {self.solver} iterations with "
-                f"‖∇Ψ‖ = {info.grad_norm:.3g} > tol = {self.tol:g} ({why})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    def _fit_vi(
-        self, b: Backend, x: Tensor, callback: Callable[[dict], None] | None
-    ) -> None:
-        lam = self.prior_precision_
-        opts = {"num_samples": self.vi_samples, "max_iter": self.vi_max_iter, "seed": self.seed}
-        if self.vi_family == "meanfield":
-            mu0 = self.lin.theta.to(F64)
-            if self.prior_mean == "zero":
-                mu0 = torch.zeros_like(mu0)
-            jac: list = []  # J(x), formed once when it fits the budget
-            if self.vi_init == "laplace":
-                m = b.weights()
-                s = _mf.diagonal_laplace_scale(self.lin, x, self._y, self.likelihood_, m, lam, jac)
-            else:
-                m, s = mu0.clone(), torch.full_like(mu0, lam**-0.5)
-            res = _mf.fit_meanfield(
-                self.lin, x, self._y, self.likelihood_, mu0, lam, m, s, callback=callback, cache=jac, **opts
-            )
-            self.vi_rank_ = self.lin.num_params
-        else:
-            Phi, u_map = b.subspace(self.vi_rank)
-            m0 = b.m0 if isinstance(b, FunctionSpace) else prior_mean_function(self.lin, x, b.mu0_arg)
-            mu_init = C_init = None
-            if self.vi_init == "laplace":
-                mu_init, C_init = _vi.laplace_init(self.likelihood_, self._y, m0, Phi, lam, u_map)
-            res = _vi.fit_vi(
-                self.likelihood_, self._y, m0, Phi, lam, mu_init, C_init, callback=callback, **opts
-            )
-            self.vi_rank_ = int(Phi.shape[2])
-        self._vi = res
-        self.elbo_history_, self.elbo_ = res.elbo_history, res.elbo
-        self.vi_converged_ = res.converged
 
     # ------------------------------------------------------------------ results
     def weights(self) -> Tensor:
@@ -428,19 +291,11 @@ class LinearizedClassifier:
             b = self._require_fit()
             x = self.lin.check_input(x)
             rows = cost.predict_rows(self.lin, b, self.inference, self.vi_family, x.shape[0], chunk)
-            parts = [self._predict_block(b, x[s]) for s in self.lin.chunks(x.shape[0], rows)]
+            parts = [posterior.logits_block(self, b, x[s]) for s in self.lin.chunks(x.shape[0], rows)]
         mean = torch.cat([m for m, _ in parts])
         cov = None if parts[0][1] is None else torch.cat([c for _, c in parts])
         dt = self.lin.dtype
         return mean.to(dt), (None if cov is None else cov.to(dt))
-
-    def _predict_block(self, b: Backend, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self.inference == "vi" and self.vi_family == "meanfield":
-            return _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale)
-        if self.inference == "vi":
-            m0s, Phis, Kss = b.subspace_test(x)
-            return _vi.predictive(m0s, Phis, Kss, self._vi.mean, self._vi.scale, self.prior_precision_)
-        return b.predict(x, covariance=self.inference == "laplace", chunk=x.shape[0])
 
     def predict_f_joint(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         r"""The *joint* predictive distribution of the logits at m test points x (m, *features):
@@ -458,24 +313,9 @@ class LinearizedClassifier:
         with self._lock:
             b = self._require_fit()
             x = self.lin.check_input(x)
-            mean, cov = self._predict_joint(b, x)
+            mean, cov = posterior.logits_joint(self, b, x)
         dt = self.lin.dtype
         return mean.to(dt), (None if cov is None else cov.to(dt))
-
-    def _predict_joint(self, b: Backend, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Mean (m, k) and joint covariance (m·k × m·k) in float64 at checked x (None for MAP)."""
-        m = x.shape[0]
-        if self.inference == "map":
-            return b.predict(x, covariance=False, chunk=max(m, 1))[0], None
-        cost.check_joint(self.lin, b, m)
-        if self.inference == "laplace":
-            return b.predict_joint(x)
-        if self.vi_family == "meanfield":
-            return _mf.predictive_meanfield(self.lin, x, self._vi.mean, self._vi.scale, joint=True)
-        m0s, Phis, Kss = b.subspace_test(x, joint=True)  # Kss: the whole K(x, x) (m·k × m·k)
-        mean, cov = _vi.predictive(m0s.reshape(1, -1), Phis.reshape(1, -1, Phis.shape[2]), Kss[None],
-                                   self._vi.mean, self._vi.scale, self.prior_precision_)
-        return mean.reshape(m, -1), 0.5 * (cov[0] + cov[0].T)
 
     def sample(
         self, x: Tensor, num_samples: int = 1, generator: torch.Generator | None = None
@@ -506,7 +346,7 @@ class LinearizedClassifier:
         with self._lock:
             b = self._require_fit()
             x = self.lin.check_input(x)
-            mean, cov = self._predict_joint(b, x)
+            mean, cov = posterior.logits_joint(self, b, x)
         return sample_logits(mean, cov, num_samples, generator).to(self.lin.dtype)
 
     def predict_proba(self, x: Tensor) -> Tensor:
