@@ -161,15 +161,23 @@ def parse_options(mean: object, model: object) -> list[GPModel] | None:
 
 
 def resolve(models: list[GPModel] | None, *, single_output: bool, space: str, solver: str, learn_all: bool,
-            fixed: bool, n: int, has_variance: bool) -> list[GPModel]:
+            fixed: bool, n: int, has_variance: bool, dict_inputs: str | None = None) -> list[GPModel]:
     """The models a fit runs: the automatic set where the choice applies (else the plain model), or
-    the explicit ones after checking that the fit's plan supports them (ValueError saying why)."""
+    the explicit ones after checking that the fit's plan supports them (ValueError saying why).
+    ``dict_inputs`` (a description of dict inputs, None for a tensor): no feature vector, so the
+    automatic set leaves the input-kernel models out and an explicit one is a TypeError."""
     direct_function = space == "function" and solver == "direct"
     if models is None:
         if not (single_output and direct_function and learn_all and not fixed and n >= MIN_CHOICE_N):
             return [PLAIN]
         cands = default_candidates(has_variance)
-        return cands if n <= COMPOSITE_MAX_N else [m for m in cands if m.spectral]
+        cands = cands if n <= COMPOSITE_MAX_N else [m for m in cands if m.spectral]
+        return cands if dict_inputs is None else [m for m in cands if m.input_kernel is None]
+    if dict_inputs is not None and any(m.input_kernel is not None for m in models):
+        raise TypeError(
+            f"gp_model {[m.name for m in models]} has an input kernel, which needs x as one "
+            f"tensor (n, ...); x is {dict_inputs}: choose models without one (e.g. 'network')"
+        )
     for m in models:
         needs = None
         if not m.spectral or len(models) > 1:

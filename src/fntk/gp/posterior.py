@@ -1,14 +1,19 @@
-"""The predictive distribution returned by :meth:`fntk.NTKRegressor.predict`."""
+"""The predictive distribution returned by :meth:`fntk.NTKRegressor.predict` (:class:`NTKPosterior`),
+and how a fitted regressor computes it at test points (:func:`at`, :func:`over_batches`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from gpytorch.distributions import MultivariateNormal
 from torch import Tensor
 
-from fntk import validation
+from fntk import inputs, validation
+from fntk.gp import plan
+from fntk.gp.hyper import F64
+from fntk.gp.means import offset_uses_network
 from fntk.linalg import safe_cholesky
 
 
@@ -103,3 +108,53 @@ class NTKPosterior:
 
     def __repr__(self) -> str:
         return f"NTKPosterior(mean: {tuple(self.mean.shape)}, variance: {tuple(self.variance.shape)})"
+
+
+#: a fitted NTKRegressor (it imports this module, so it is not imported here)
+Regressor = Any
+
+
+def over_batches(reg: Regressor, x: Iterable) -> NTKPosterior:
+    """:func:`at` batch by batch over a loader x, concatenated."""
+    bar = validation.progress_bar(reg.lin.batches(x), reg.progress, "NTKRegressor.predict",
+                                  inputs.num_batches(x))
+    parts = [at(reg, xb) for xb in bar]
+    mean = torch.cat([p.mean for p in parts])
+    var = torch.cat([p.variance for p in parts])
+    per_point = reg.output is not None and parts[0].noise.dim() == 1  # input-dependent noise (m,)
+    noise = torch.cat([p.noise for p in parts]) if per_point else parts[0].noise
+
+    def covariance() -> Tensor:
+        with reg._lock:
+            return at(reg, reg.lin.check_input(x, "x")).covariance_matrix
+
+    return NTKPosterior(mean, var, noise, covariance)
+
+
+def at(reg: Regressor, x: Tensor) -> NTKPosterior:
+    """The posterior of a fitted NTKRegressor ``reg`` at inputs x (m, *features): mean, latent and
+    noise variance in data units, the covariance on demand (checked against the memory limit)."""
+    lin, st, lock = reg.lin, reg._state, reg._lock
+    xs = lin.check_input(x, "x")
+    outputs, sd, h, model, design = reg._outputs_, reg._sd, reg._h, reg._model, reg._design
+    f = lin.forward(xs)[:, outputs].to(F64).T if offset_uses_network(model.mean) else None
+    prior = f if f is not None else 0.0
+    m_std, var_std = plan.predict_chunked(st, lin.memory_budget, xs)
+    if h.slope is None:
+        mean = prior + reg._mu[:, None] + sd[:, None] * (h.constant[:, None] + m_std)
+    else:
+        Hs = design.columns(f, xs.shape[0], len(outputs), m_std)
+        mean = prior + reg._mu[:, None] + sd[:, None] * ((Hs @ h.beta[..., None])[..., 0] + m_std)
+    var = var_std.clamp_min(0) * sd[:, None] ** 2
+    noise = st.noise_at(xs) * (sd**2)[:, None] if model.source_noise else h.noise * sd**2
+
+    def covariance() -> Tensor:
+        with lock:
+            plan.check_covariance(st, xs.shape[0], reg.memory_limit)
+            _, cov = st.predict(xs, full_cov=True)
+        cov = cov * (sd**2)[:, None, None]
+        return cov[0] if reg.output is not None else cov
+
+    if reg.output is not None:
+        return NTKPosterior(mean[0], var[0], noise[0], covariance)
+    return NTKPosterior(mean.T, var.T, noise, covariance)

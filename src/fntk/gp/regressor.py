@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fntk import inputs, persist, validation
 from fntk.errors import NotFittedError
-from fntk.gp import iterative, plan, selection
+from fntk.gp import iterative, plan, posterior, selection
 from fntk.gp.hyper import F64
 from fntk.gp.means import Design, offset_uses_network
 from fntk.gp.models import CRITERIA, VARIANCE_LINKS, GPModel, parse_optimize, parse_options, resolve
@@ -259,15 +259,8 @@ class NTKRegressor:
         fixed = self.scale is not None or self.constant is not None
         models = resolve(self.models, single_output=self.output is not None, space=pl.space,
                          solver=pl.solver, learn_all=self.learn == selection.LEARN_ALL, fixed=fixed, n=n,
-                         has_variance=self.variance_output is not None)
-        if not isinstance(x, Tensor):  # dict inputs: no feature vector for an input kernel
-            if self.models is None:
-                models = [m for m in models if m.input_kernel is None]
-            elif any(m.input_kernel is not None for m in models):
-                raise TypeError(
-                    f"gp_model {[m.name for m in models]} has an input kernel, which needs x as one "
-                    f"tensor (n, ...); x is {inputs.describe(x)}: choose models without one (e.g. 'network')"
-                )
+                         has_variance=self.variance_output is not None,
+                         dict_inputs=None if isinstance(x, Tensor) else inputs.describe(x))
         variance = None  # (index, link): informs the noise prior of every model, feeds +hetero/@src
         needs = [m.name for m in models if m.needs_variance]
         if needs or self.variance_output is not None:
@@ -380,50 +373,8 @@ class NTKRegressor:
         with self._lock:
             self._check_fitted()
             if inputs.is_loader(x):
-                return self._predict_batches(x)
-            return self._predict(x)
-
-    def _predict_batches(self, x: Iterable) -> NTKPosterior:
-        """:meth:`_predict` batch by batch over a loader x, concatenated."""
-        bar = validation.progress_bar(self.lin.batches(x), self.progress, "NTKRegressor.predict",
-                                      inputs.num_batches(x))
-        parts = [self._predict(xb) for xb in bar]
-        mean = torch.cat([p.mean for p in parts])
-        var = torch.cat([p.variance for p in parts])
-        per_point = self.output is not None and parts[0].noise.dim() == 1  # input-dependent noise (m,)
-        noise = torch.cat([p.noise for p in parts]) if per_point else parts[0].noise
-
-        def covariance() -> Tensor:
-            with self._lock:
-                return self._predict(self.lin.check_input(x, "x")).covariance_matrix
-
-        return NTKPosterior(mean, var, noise, covariance)
-
-    def _predict(self, x: Tensor) -> NTKPosterior:
-        lin, st, lock = self.lin, self._state, self._lock
-        xs = lin.check_input(x, "x")
-        outputs, sd, h, model, design = self._outputs_, self._sd, self._h, self._model, self._design
-        f = lin.forward(xs)[:, outputs].to(F64).T if offset_uses_network(model.mean) else None
-        prior = f if f is not None else 0.0
-        m_std, var_std = plan.predict_chunked(st, lin.memory_budget, xs)
-        if h.slope is None:
-            mean = prior + self._mu[:, None] + sd[:, None] * (h.constant[:, None] + m_std)
-        else:
-            Hs = design.columns(f, xs.shape[0], len(outputs), m_std)
-            mean = prior + self._mu[:, None] + sd[:, None] * ((Hs @ h.beta[..., None])[..., 0] + m_std)
-        var = var_std.clamp_min(0) * sd[:, None] ** 2
-        noise = st.noise_at(xs) * (sd**2)[:, None] if model.source_noise else h.noise * sd**2
-
-        def covariance() -> Tensor:
-            with lock:
-                plan.check_covariance(st, xs.shape[0], self.memory_limit)
-                _, cov = st.predict(xs, full_cov=True)
-            cov = cov * (sd**2)[:, None, None]
-            return cov[0] if self.output is not None else cov
-
-        if self.output is not None:
-            return NTKPosterior(mean[0], var[0], noise[0], covariance)
-        return NTKPosterior(mean.T, var.T, noise, covariance)
+                return posterior.over_batches(self, x)
+            return posterior.at(self, x)
 
     def save(self, path: str) -> None:
         """Write the fitted regressor to ``path`` (tensors + JSON metadata; see :mod:`fntk.persist`).
