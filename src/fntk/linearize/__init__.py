@@ -10,7 +10,8 @@
   :mod:`.scope`: the torch settings fntk's calls run under; :mod:`.outputs`: output selection.
 """
 
-from fntk.linearize.linearized import Linearized, as_linearized
+from fntk.linearize.accept import as_linearized
+from fntk.linearize.linearized import Linearized
 from fntk.linearize.outputs import default_output
 from fntk.linearize.probes import Capabilities
 from fntk.linearize.selection import ParamSelection, select

@@ -33,9 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from fntk import distributed, inputs
-from fntk.errors import NTKMemoryError
 from fntk.inputs import Inputs
-from fntk.linearize import checks, engine, fallbacks, first_call, probes, scope, second_order
+from fntk.linearize import checks, engine, fallbacks, probes, scope, second_order, streaming
 from fntk.linearize.outputs import OutputFn, check_output_fn
 from fntk.linearize.private import check_model, frozen_rows, private_copy, uses_embedding
 from fntk.linearize.selection import ParamSelection, select
@@ -214,58 +213,18 @@ class Linearized:
 
     # ------------------------------------------------------------------ checks and probes
     def check_input(self, x: Inputs | Iterable, name: str = "x") -> Inputs:
-        """Validate x (n, *feature_shape), or a dict of such tensors, and move it to the model's
-        device (floating-point tensors also to its dtype; integer and boolean ones unchanged). A
-        re-iterable of batches (DataLoader) is validated batch by batch (errors name the batch) and
-        collected into one tensor or dict in memory. The first call runs the capability probes on
-        its first points."""
-        x = checks.check_inputs(inputs.collect_inputs(x, name), name, self.dtype, self.device,
-                                self._int_inputs)
-        shape = inputs.feature_shape(x)
-        if self._feature_shape is not None and shape != tuple(map(_as_tuple, self._feature_shape)):
-            expected = self._feature_shape
-            if isinstance(x, Tensor) and all(isinstance(d, int) for d in expected):
-                raise ValueError(
-                    f"{name} has feature shape {shape} (full shape {tuple(x.shape)}), expected "
-                    f"(n, {', '.join(map(str, expected))}) as in earlier calls"
-                )
-            raise ValueError(
-                f"{name} is {inputs.describe(x)}; expected the keys and trailing shapes {expected} "
-                "(key, *shape after the batch axis; a bare shape for a tensor) as in earlier calls"
-            )
-        if self._caps is None:
-            with self._session():
-                if self._caps is None:  # another thread may have probed meanwhile
-                    first_call.setup(self, x, name)
-        for key, t in ([(None, x)] if isinstance(x, Tensor) else x.items()):
-            distributed.check_same(t, name if key is None else f"{name}[{key!r}]")
-        return x
+        """x checked and on the model's device and dtype (see :func:`.streaming.check_input`); a
+        loader is collected. The first call runs the capability probes."""
+        return streaming.check_input(self, x, name)
 
     def batches(self, x: Inputs | Iterable, name: str = "x") -> Iterator[Inputs]:
-        """The checked inputs batch by batch: in-memory x as one batch; a re-iterable of batches
-        (DataLoader) batch by batch, each validated against the first (see
-        :class:`fntk.inputs.Stream`) and checked by :meth:`check_input` (named ``batch i of x``)."""
-        if not inputs.is_loader(x):
-            yield self.check_input(x, name)
-            return
-        for i, xb, _ in inputs.Stream.of(x, name):
-            yield self.check_input(xb, f"batch {i} of {name}")
+        """The checked inputs batch by batch (see :func:`.streaming.batches`)."""
+        return streaming.batches(self, x, name)
 
     def row_chunks(self, x: Inputs | Iterable, size: int | None = None) -> Iterator[tuple[Inputs, slice]]:
-        """(inputs, rows) in chunks of ≤ ``size`` points (None: whole batches): checked in-memory x
-        split into chunks; a loader (or :class:`fntk.inputs.Stream`) batch by batch (checked, see
-        :meth:`batches`), each batch split alike. The rows count from the first point of x, across
-        batches; the products that sum over points (GGN products and diagonals) stream this way."""
-        if not inputs.is_loader(x):
-            for s in self.chunks(inputs.rows(x), size or inputs.rows(x)):
-                yield x[s], s
-            return
-        start = 0
-        for xb in self.batches(x):
-            b = inputs.rows(xb)
-            for s in self.chunks(b, size or b):
-                yield xb[s], slice(start + s.start, start + s.stop)
-            start += b
+        """(inputs, rows) in chunks of ≤ ``size`` points, across a loader's batches (see
+        :func:`.streaming.row_chunks`)."""
+        return streaming.row_chunks(self, x, size)
 
     def _check_vec(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
         return checks.check_vec(v, self.num_params, self.dtype, self.device, name)
@@ -280,33 +239,10 @@ class Linearized:
         return self._act_per_example or 1
 
     def rows_per_chunk(self, r: int, extra_per_row: int = 0) -> int:
-        """How many points fit the memory budget when each carries r tangent/cotangent copies.
+        """Points per chunk with r tangent/cotangent copies each (see :func:`.streaming.rows_per_chunk`)."""
+        return streaming.rows_per_chunk(self, r, extra_per_row)
 
-        The working set of a batched product is about (1 + r) copies of the activations, plus
-        ``extra_per_row`` elements per point (e.g. Jacobian rows); a factor 3 covers autodiff's
-        saved tensors.
-        """
-        act = self.activation_numel
-        per_row = (3 * act * (1 + r) + extra_per_row) * torch.finfo(self.dtype).bits // 8
-        return max(1, self.memory_budget // max(per_row, 1))
-
-    @staticmethod
-    def chunks(n: int, size: int) -> list[slice]:
-        """Consecutive slices of ≤ size rows covering range(n)."""
-        size = max(1, int(size))
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-    def _by_rank(self, fn: Callable[..., Tensor], x: Inputs, *row_args: Tensor) -> Tensor:
-        """fn(x, *row_args) on all rows; under torch.distributed each rank does its shard of the
-        rows and the row blocks are all-gathered."""
-        if not distributed.is_active():
-            return fn(x, *row_args)
-        n, s = x.shape[0], distributed.shard(x.shape[0])
-        if s.stop > s.start:
-            local = fn(x[s], *(a[s] for a in row_args))
-        else:  # more ranks than rows: an empty block of the right trailing shape
-            local = fn(x[:1], *(a[:1] for a in row_args))[:0]
-        return distributed.gather_rows(local, n)
+    chunks = staticmethod(streaming.chunks)
 
     # ------------------------------------------------------------------ maps
     def forward(self, x: Inputs | Iterable) -> Tensor:
@@ -320,7 +256,7 @@ class Linearized:
             with self._session(grad=False):
                 return torch.cat([self.function(xs[s])(self._theta) for s in self.chunks(xs.shape[0], size)])
 
-        return self._by_rank(rows, x)
+        return streaming.by_rank(rows, x)
 
     def jvp_block(self, x: Inputs, V: Tensor) -> Tensor:
         """J(x) V for checked x and V (p, r) → (n, k, r), unchunked (one forward with the tangents
@@ -352,7 +288,7 @@ class Linearized:
         def rows(xs: Tensor) -> Tensor:
             return torch.cat([self.jvp_block(xs[s], V) for s in self.chunks(xs.shape[0], size)])
 
-        return self._by_rank(rows, x)
+        return streaming.by_rank(rows, x)
 
     def vjp_mat(self, x: Inputs, U: Tensor) -> Tensor:
         """J(x)ᵀ U on checked inputs: U (n, k, r) → (p, r), chunked over points and summed
@@ -378,29 +314,11 @@ class Linearized:
         """J(x)ᵀ u. x: (n, ...); u: (n, k) → (p,), or (n, k, r) → (p, r) ((n,), (n, r) when k = 1).
         For a loader, Σ_b J(x_b)ᵀ u_b with u_b the rows of u of batch b (u has the loader's n rows)."""
         if inputs.is_loader(x):
-            return self._vjp_batches(x, u)
+            return streaming.vjp_batches(self, x, u)
         x = self.check_input(x)
         U, single = self._check_cotangent(u, x.shape[0])
         out = self.vjp_mat(x, U)
         return out[:, 0] if single else out
-
-    def _vjp_batches(self, x: Iterable, u: Tensor) -> Tensor:
-        """Σ_b J(x_b)ᵀ u[rows of b] over the batches of a loader x (see :meth:`vjp`)."""
-        if not isinstance(u, Tensor):
-            raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
-        out, done = None, 0
-        for xb in self.batches(x):
-            b = inputs.rows(xb)
-            if u.dim() == 0 or u.shape[0] < done + b:
-                have = "a scalar" if u.dim() == 0 else f"{u.shape[0]} rows"
-                raise ValueError(f"u has {have} but x yields more points ({done + b} up to this batch); "
-                                 "u needs one row per point of the loader, in its order")
-            part = self.vjp(xb, u[done : done + b])
-            out, done = part if out is None else out + part, done + b
-        if u.shape[0] != done:
-            raise ValueError(f"u has {u.shape[0]} rows but x yields {done} points; u needs one row per "
-                             "point of the loader, in its order")
-        return out
 
     def jacobian(self, x: Inputs | Iterable) -> Tensor:
         """The explicit Jacobian J(x): (n, k, p), computed in chunks of points that fit the budget
@@ -413,28 +331,12 @@ class Linearized:
         """
         if not inputs.is_loader(x):
             return self.jacobian_mat(self.check_input(x))
-        parts, done = [], 0
-        for xb in self.batches(x):
-            done += inputs.rows(xb)
-            self._check_jacobian_size(done, self.num_outputs)
-            parts.append(self.jacobian_mat(xb))
-        return torch.cat(parts)
-
-    def _check_jacobian_size(self, n: int, k: int) -> None:
-        need = n * k * self.num_params * torch.finfo(self.dtype).bits // 8
-        if need > self.memory_budget:
-            gib = 1024**3
-            raise NTKMemoryError(
-                f"the Jacobian of shape ({n}, {k}, {self.num_params}) ({self.dtype}) needs "
-                f"{need / gib:.3g} GiB, more than the memory budget of {self.memory_budget / gib:.3g} "
-                "GiB; use products (jvp/vjp, JacobianOperator), fewer points or parameters, or raise "
-                "memory_budget (Linearized(memory_budget=...) or fntk.set_memory_budget)"
-            )
+        return streaming.jacobian_batches(self, x)
 
     def jacobian_mat(self, x: Inputs, output: int | None = None) -> Tensor:
         """J(x) on checked inputs: (n, k, p), or (n, p) for a single ``output``."""
         k = self.num_outputs if output is None else 1
-        self._check_jacobian_size(x.shape[0], k)
+        streaming.check_jacobian_size(self, x.shape[0], k)
         size = self.rows_per_chunk(k, extra_per_row=2 * k * self.num_params)
         per_point = self.per_example_jacobian(None, output)
 
@@ -442,7 +344,7 @@ class Linearized:
             J = torch.cat([per_point(xs[s]) for s in self.chunks(xs.shape[0], size)])
             return J if output is None else J[:, 0]
 
-        return self._by_rank(rows, x)
+        return streaming.by_rank(rows, x)
 
     # ------------------------------------------------------------------ second order (GGN products)
     def second_order_path(self, what: str) -> str:
@@ -488,35 +390,4 @@ class Linearized:
         )
 
 
-def _as_tuple(d: object) -> object:
-    """A stored feature-shape entry as compared with :func:`fntk.inputs.feature_shape` (lists, as
-    reloaded from JSON, become tuples)."""
-    return tuple(d) if isinstance(d, list) else d
-
-
-def as_linearized(
-    model: nn.Module | Linearized,
-    params: ParamSelection = None,
-    memory_budget: int | None = None,
-    output_fn: OutputFn | None = None,
-    name: str = "model",
-) -> Linearized:
-    """``model`` itself when it is a :class:`Linearized` (then ``params``, ``memory_budget`` and
-    ``output_fn`` must be None: they are set on it), else ``Linearized(model, params, ...)``; the
-    estimators' one way to take either."""
-    if isinstance(model, Linearized):
-        options = {"params": params, "memory_budget": memory_budget, "output_fn": output_fn}
-        given = [k for k, v in options.items() if v is not None]
-        if given:
-            where = ", ".join(f"{k}=..." for k in given)
-            raise ValueError(
-                f"{', '.join(given)} must be None when {name} is already a fntk.Linearized; set "
-                f"{'them' if len(given) > 1 else 'it'} there: fntk.Linearized(model, {where})"
-            )
-        return model
-    if isinstance(model, nn.Module):
-        return Linearized(model, params, memory_budget=memory_budget, output_fn=output_fn)
-    raise TypeError(f"{name} must be a torch.nn.Module or fntk.Linearized, got {type(model).__name__}")
-
-
-__all__ = ["Linearized", "as_linearized"]
+__all__ = ["Linearized"]
