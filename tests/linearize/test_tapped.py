@@ -1,16 +1,19 @@
 """Tapped multi-column products (fntk.linearize.tapped) against the dense float64 Jacobian of plain
 autograd: J V, Jᵀ U and Jᵀ H J V for networks of Linear layers and norm affines; the operators
-that use them (GGNOperator, matrix-free NTKOperator); where they do not apply or do not pay."""
+that use them (GGNOperator, matrix-free NTKOperator); where they do not apply or do not pay.
+Convolutions and Linear layers over sequences (S > 1 positions per point) in both forms."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import fntk
 from fntk.likelihoods import Categorical, Gaussian
+from fntk.linearize import tapped
 from fntk.linearize.tapped import TappedJacobian, tapped_layers
+from zoo import MobileBlock, TinyResNet, _randomize_bn
 
 from models import EmbedNet, SmallCNN, TiedMLP, tanh_mlp
 from reference import dense_jacobian, rel_err
@@ -71,17 +74,78 @@ def test_tapped_products_equal_dense_jacobian(name):
         assert tj.cached() == keep
 
 
-@pytest.mark.parametrize("kind", ["cnn", "embedding", "tied", "sequence", "prelu"])
+def _positions_model(name: str) -> tuple[nn.Module, Tensor]:
+    """Models whose layers apply a weight at S > 1 positions per point (batch-norm statistics
+    randomised so that eval mode is not the identity)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if name == "cnn":
+        model, x = SmallCNN(k=3), torch.randn(11, 1, 8, 8, generator=g)
+    elif name == "grouped":  # a grouped and a strided, dilated Conv1d
+        model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=2, dilation=2), nn.Tanh(),
+                              nn.Conv1d(4, 6, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(18, 3))
+        x = torch.randn(11, 2, 8, generator=g)
+    elif name == "resnet":
+        model, x = TinyResNet(k=3), torch.randn(11, 2, 6, 6, generator=g)
+    elif name == "mobile":  # depthwise conv, squeeze-excite
+        model, x = MobileBlock(k=3), torch.randn(11, 2, 5, 5, generator=g)
+    else:  # Linear layers over the 5 tokens of a sequence
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.Flatten(), nn.Linear(20, 3))
+        x = torch.randn(11, 5, 3, generator=g)
+    model = model.to(F64).eval()
+    _randomize_bn(model, g)
+    return model, x.to(F64)
+
+
+@pytest.mark.parametrize("form", ["auto", "kron"])
+@pytest.mark.parametrize("name", ["cnn", "grouped", "resnet", "mobile", "sequence"])
+def test_tapped_positions_equal_dense_jacobian(name, form, monkeypatch):
+    """Convolutions and token-wise Linear layers: J V, Jᵀ U, Jᵀ H J V against the dense Jacobian,
+    in the form the cost rule picks and with every ungrouped weight in the kron form; several
+    chunks of points and sub-batches of the S > 1 temporaries (small budget) and one chunk."""
+    if form == "kron":
+        monkeypatch.setattr(tapped, "layer_mode", lambda L, k: "kron" if L.can_kron() else "explicit")
+    model, x = _positions_model(name)
+    J = dense_jacobian(model, x)
+    n, k, p = J.shape
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(p, 4, generator=g, dtype=F64)
+    U = torch.randn(n, k, 4, generator=g, dtype=F64)
+    Hm = torch.randn(n, k, k, generator=g, dtype=F64)
+    for budget in (40_000, 10**8):
+        lin = fntk.Linearized(model, memory_budget=budget)
+        xc = lin.check_input(x)
+        an = tapped_layers(lin, xc)
+        assert an is not None and {L.kind for L in an.layers} & {"conv", "linear"}
+        tj = TappedJacobian(lin, xc, an)
+        if form == "kron":
+            assert "kron" in tj.modes
+        assert (len(tj._chunks) > 1) == (budget < 10**6)
+        assert rel_err(tj.jvp(V), torch.einsum("nkp,pr->nkr", J, V)) <= 1e-12
+        assert rel_err(tj.vjp(U), torch.einsum("nkp,nkr->pr", J, U)) <= 1e-12
+        got = tj.ggn(V, lambda u, s: torch.einsum("nkl,nlr->nkr", Hm[s], u))
+        assert rel_err(got, torch.einsum("nkp,nkl,nlq,qr->pr", J, Hm, J, V)) <= 1e-12
+
+
+def test_layer_form_rule():
+    """LeNet's convolutions take the explicit rows (cheaper per column at similar memory); a wide
+    token-wise Linear with many outputs keeps the kron taps."""
+    from fntk.linearize.taps import Layer
+
+    conv2 = Layer(nn.Identity(), "conv", "w", "b", S=196, d_in=288, d_out=64)
+    assert tapped.layer_mode(conv2, 10) == "explicit"
+    wide = Layer(nn.Identity(), "linear", "w", "b", S=4, d_in=32, d_out=32)
+    assert tapped.layer_mode(wide, 10) == "kron"
+    assert tapped.layer_mode(Layer(nn.Identity(), "linear", "w", None, S=1, d_in=3, d_out=1), 1) == "kron"
+
+
+@pytest.mark.parametrize("kind", ["embedding", "tied", "prelu"])
 def test_not_applicable(kind):
     torch.manual_seed(0)
-    if kind == "cnn":
-        model, x = SmallCNN(k=2).to(F64).eval(), torch.randn(4, 1, 8, 8, dtype=F64)
-    elif kind == "embedding":
+    if kind == "embedding":
         model, x = EmbedNet().to(F64), torch.randint(0, 11, (4, 3))
     elif kind == "tied":
         model, x = TiedMLP().to(F64), torch.randn(4, 4, dtype=F64)
-    elif kind == "sequence":
-        model, x = nn.Sequential(nn.Linear(3, 2), nn.Flatten()).to(F64), torch.randn(4, 5, 3, dtype=F64)
     else:
         model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2)).to(F64)
         x = torch.randn(4, 3, dtype=F64)

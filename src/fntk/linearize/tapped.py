@@ -1,25 +1,31 @@
-r"""Multi-column Jacobian products from layer taps, for networks of ``nn.Linear`` layers (and norm
-affines): J V, Jᵀ U and Jᵀ H J V with r columns at GEMM speed.
+r"""Multi-column Jacobian products from layer taps, for networks of ``nn.Linear`` and ``nn.Conv``
+layers (and norm affines): J V, Jᵀ U and Jᵀ H J V with r columns at GEMM speed.
 
-For a Linear layer y = W a + b on point-major inputs (one position per point), the Jacobian row of
-output c of point i is ∂f_c(x_i)/∂W = g_ic a_iᵀ with g_ic = ∂f_c(x_i)/∂y_i (the tap of
+For a layer y_s = W a_s + b applied at S positions s of a point (S = 1 for a Linear on vectors;
+tokens of a sequence; a convolution's output pixels with a_s its input patch), the Jacobian row of
+output c of point i is ∂f_c(x_i)/∂W = Σ_s g_ics a_isᵀ with g_ics = ∂f_c(x_i)/∂y_is (the tap of
 :func:`fntk.linearize.taps.features`: one forward recording a, one backward batched over the k'
-outputs giving g). So, with the weights and bias of the layer as one (d_out × d̃) block per
-column (ã = [a, 1]),
+outputs giving g). With the weights and bias of the layer as one (d_out × d̃) block per column
+(ã = [a, 1]), a layer is used in one of two forms:
 
-    (J V)_icr = Σ_layers g_icᵀ (V_r ã_i),     (Jᵀ U)_r = Σ_i (Σ_c U_icr g_ic) ã_iᵀ:
+- "kron" (keeps ã and g: S·d̃ + k·S·d_out numbers per point):
+  (J V)_icr = Σ_s g_icsᵀ (V_r ã_is),   (Jᵀ U)_r = Σ_i Σ_s (Σ_c U_icr g_ics) ã_isᵀ,
+  two GEMMs per layer for all r columns (≈ 2 S d_out (d̃ + k) flops per point and column);
+- "explicit" (keeps the per-example rows X_ic = Σ_s g_ics ã_isᵀ: k·q numbers per point): one
+  (k × q)(q × r) product per point; taken for norm affines, bias-only and grouped layers, and for
+  a weight shared over S > 1 positions when its rows are at most twice the kron taps and cheaper
+  per column (e.g. the convolutions of a small CNN: q = 18,496 against 2 S d_out (d̃ + k) = 7.5 M
+  flops per column for LeNet's second convolution).
 
-two GEMMs per layer for all r columns ((n × d̃)(d̃ × r·d_out) and its transpose), against the
-four passes per column (a forward-mode tangent through every layer, inputs and weights, then a
-backward pass) of vmapped autodiff. Norm affines and bias-only layers enter through their explicit
-per-example gradients (k'·q numbers per point). The taps are computed once per chunk of points
-and kept when they fit half the memory budget, so that repeated products (CG, Lanczos) cost
-only the GEMMs.
+Against the four passes per column of vmapped autodiff (a forward-mode tangent through every
+layer, inputs and weights, then a backward pass). The taps are computed once per chunk of points
+and kept when they fit half the memory budget, so that repeated products (CG, Lanczos) cost only
+the GEMMs.
 
 Applies (:func:`tapped_layers`) when every selected parameter has a layer rule (no fallback) of
-kind "linear" with one position per point, or "norm"; and only after the products agreed with the
-probed autodiff path (``lin.vjp_block``/``lin.jvp_block``) on the probe batch for random V (the
-probes' tolerance), checked once per ``Linearized``. Otherwise callers keep the autodiff path.
+kind "linear", "conv" or "norm"; and only after the products agreed with the probed autodiff path
+(``lin.vjp_block``/``lin.jvp_block``) on the probe batch for random V (the probes' tolerance),
+checked once per ``Linearized``. Otherwise callers keep the autodiff path.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from fntk.linearize.linearized import Linearized
 from fntk.linearize.probes import close, tolerance
-from fntk.linearize.taps import Analysis, analyze, features
+from fntk.linearize.taps import Analysis, Layer, analyze, features
 
 _verdict: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -43,9 +49,7 @@ def tapped_layers(lin: Linearized, x: Tensor) -> Analysis | None:
     if lin in _verdict:
         return _verdict[lin]
     an = analyze(lin, x)
-    ok = bool(an.layers) and not an.fallback and all(
-        L.kind == "norm" or (L.kind == "linear" and L.S == 1) for L in an.layers
-    )
+    ok = bool(an.layers) and not an.fallback and all(L.kind in ("norm", "linear", "conv") for L in an.layers)
     if ok:
         ok = _validate(lin, an)
     _verdict[lin] = an if ok else None
@@ -68,6 +72,18 @@ def _validate(lin: Linearized, an: Analysis) -> bool:
     return ok_j and ok_t
 
 
+def layer_mode(L: Layer, k: int) -> str:
+    """"kron" or "explicit" for layer L with k outputs (see the module docstring)."""
+    if L.kind == "norm" or not L.can_kron():
+        return "explicit"
+    if L.S == 1:
+        return "kron"
+    d = L.d_in + (1 if L.bias else 0)
+    kron_kept, kron_col = L.S * (d + k * L.d_out), 2.0 * L.S * L.d_out * (d + k)
+    rows = k * L.q()
+    return "explicit" if rows <= 2 * kron_kept and 2.0 * rows < kron_col else "kron"
+
+
 class TappedJacobian:
     """J(x) products from the taps of x (n points), chunked over points to the memory budget; the
     taps are kept between products when ``keep`` and they fit half the budget."""
@@ -75,7 +91,7 @@ class TappedJacobian:
     def __init__(self, lin: Linearized, x: Tensor, an: Analysis, keep: bool = True):
         self.lin, self.x, self.an = lin, x, an
         self.k = lin.num_outputs
-        self.modes = ["kron" if L.kind == "linear" and L.weight else "explicit" for L in an.layers]
+        self.modes = [layer_mode(L, self.k) for L in an.layers]
         offsets, o = {}, 0
         for name, size in zip(lin.names, lin.numels):
             offsets[name] = (o, o + size)
@@ -86,8 +102,8 @@ class TappedJacobian:
         for L, m in zip(an.layers, self.modes):
             if m == "kron":
                 d = L.d_in + (1 if L.bias else 0)
-                kept += d + self.k * L.d_out
-                flops += 2.0 * L.d_out * (d + self.k)
+                kept += L.S * (d + self.k * L.d_out)
+                flops += 2.0 * L.S * L.d_out * (d + self.k)
             else:
                 names = [n for n in (L.weight, L.bias) if n]
                 self._explicit += names
@@ -100,6 +116,7 @@ class TappedJacobian:
         size = lin.rows_per_chunk(self.k, extra_per_row=2 * kept)
         self._chunks = lin.chunks(x.shape[0], size)
         self._keep = keep and x.shape[0] * kept * item <= lin.memory_budget // 2
+        self._work = max(1, lin.memory_budget // (4 * item))  # numbers of one S > 1 layer's temporaries
         self._taps: dict[int, list[Tensor]] = {}
 
     def cached(self) -> bool:
@@ -107,7 +124,7 @@ class TappedJacobian:
         return self._keep and len(self._taps) == len(self._chunks)
 
     def taps(self, s: slice) -> list[Tensor]:
-        """[X (b, k, Q), then (A (b, 1, d̃), G (b, k, 1, d_out)) per Linear layer] for x[s]."""
+        """[X (b, k, Q), then (A (b, S, d̃), G (b, k, S, d_out)) per kron-form layer] for x[s]."""
         if s.start in self._taps:
             return self._taps[s.start]
         b, lin = s.stop - s.start, self.lin
@@ -133,19 +150,35 @@ class TappedJacobian:
         Vx = torch.cat([V[slice(*self._slices[n])] for n in self._explicit]) if self._explicit else None
         return blocks, Vx
 
+    def _kron_layers(self, F: list[Tensor]):
+        """(t, layer, A (b, S, d̃), G (b, k, S, d_out)) of the kron-form layers in the taps F."""
+        kron = [L for L, m in zip(self.an.layers, self.modes) if m == "kron"]
+        return [(t, L, F[1 + 2 * t], F[2 + 2 * t]) for t, L in enumerate(kron)]
+
+    def _sub(self, b: int, per_point: int) -> list[slice]:
+        """Sub-batches of b points whose S > 1 temporaries (per_point numbers each) fit the budget."""
+        size = max(1, self._work // max(per_point, 1))
+        return [slice(i, min(i + size, b)) for i in range(0, b, size)]
+
     def _jv(self, F: list[Tensor], blocks: list[Tensor], Vx: Tensor | None, r: int) -> Tensor:
         b = F[0].shape[0]
         out = F[0] @ Vx if Vx is not None else F[0].new_zeros(b, self.k, r)
-        for t, W in enumerate(blocks):
-            A, G = F[1 + 2 * t][:, 0], F[2 + 2 * t][:, :, 0]  # (b, d̃), (b, k, d_out)
-            T = (A @ W.reshape(-1, W.shape[2]).T).view(b, r, W.shape[1])  # V_r ã_i
-            out = out + torch.bmm(G, T.transpose(1, 2))
+        for t, _, A, G in self._kron_layers(F):
+            W = blocks[t]
+            Wm = W.reshape(-1, W.shape[2])  # (r·d_out, d̃)
+            S = A.shape[1]
+            if S == 1:
+                T = (A[:, 0] @ Wm.T).view(b, r, W.shape[1])  # V_r ã_i
+                out = out + torch.bmm(G[:, :, 0], T.transpose(1, 2))
+                continue
+            for sb in self._sub(b, S * Wm.shape[0]):
+                T = (A[sb] @ Wm.T).view(-1, S, r, W.shape[1])  # V_r ã_is
+                out[sb] += torch.einsum("bkso,bsro->bkr", G[sb], T)
         return out
 
     def _jtu(self, F: list[Tensor], U: Tensor, out: Tensor) -> None:
         """out += Jᵀ U for the chunk's taps F and U (b, k, r)."""
         b, r = U.shape[0], U.shape[2]
-        t = 0
         if self._explicit:
             g = torch.einsum("bkq,bkr->qr", F[0], U)
             o = 0
@@ -153,13 +186,17 @@ class TappedJacobian:
                 a, z = self._slices[name]
                 out[a:z] += g[o : o + z - a]
                 o += z - a
-        for L, m in zip(self.an.layers, self.modes):
-            if m != "kron":
-                continue
-            A, G = F[1 + 2 * t][:, 0], F[2 + 2 * t][:, :, 0]
-            t += 1
-            B = torch.bmm(U.transpose(1, 2), G)  # (b, r, d_out): Σ_c U_icr g_ic
-            g = (B.reshape(b, -1).T @ A).view(r, L.d_out, -1)
+        Ut = U.transpose(1, 2)
+        for _, L, A, G in self._kron_layers(F):
+            S = A.shape[1]
+            if S == 1:
+                B = torch.bmm(Ut, G[:, :, 0])  # (b, r, d_out): Σ_c U_icr g_ic
+                g = (B.reshape(b, -1).T @ A[:, 0]).view(r, L.d_out, -1)
+            else:
+                g = 0
+                for sb in self._sub(b, S * r * L.d_out):
+                    B = torch.bmm(Ut[sb], G[sb].reshape(-1, self.k, S * L.d_out))  # Σ_c U_icr g_ics
+                    g = g + torch.einsum("brso,bsj->roj", B.view(-1, r, S, L.d_out), A[sb])
             w0, w1 = self._slices[L.weight]
             out[w0:w1] += g[:, :, : L.d_in].reshape(r, -1).T
             if L.bias:
