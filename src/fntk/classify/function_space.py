@@ -11,6 +11,7 @@ from fntk import inputs, persist
 from fntk.classify.objective import (
     F64,
     FitInfo,
+    SlopeTerms,
     Terms,
     chol,
     eye,
@@ -143,8 +144,12 @@ class FunctionSpace:
         return -(self.terms.value + 0.5 * self.lam * self.weight_sqnorm()) - self.log_det_term()
 
     def evidence_slope(self) -> float:
-        """d log Z / d log λ, exactly (see :func:`optimize_prior_precision`); the diagonal blocks of
-        S = J P⁻¹ Jᵀ = K̃ − Vᵀ V, V = R⁻¹ Lᵀ K̃, cost one triangular solve with n·k right-hand sides."""
+        return self.slope_terms().slope
+
+    def slope_terms(self) -> SlopeTerms:
+        """The pieces of d log Z / d log λ, exactly (see :func:`optimize_prior_precision`); the diagonal
+        blocks of S = J P⁻¹ Jᵀ = K̃ − Vᵀ V, V = R⁻¹ Lᵀ K̃, cost one triangular solve with n·k
+        right-hand sides."""
         lam, L, R, n, k = self.lam, self.terms.L, self.R, self.n, self.k
         Kt = self.K / lam
         Kta = Kt @ self.a  # S a = K̃ a − K̃ L B⁻¹ Lᵀ K̃ a;  J dw*/dλ = −S a / λ
@@ -153,7 +158,7 @@ class FunctionSpace:
         V3 = lower_solve(R, self._Lt(L, Kt)).reshape(R.shape[0], n, k)
         S = diag_blocks(Kt, n, k) - torch.einsum("jnk,jnl->nkl", V3, V3)
         T = float(torch.einsum("nkl,nlk->", S, dH))
-        return 0.5 * (self.effective_params() - lam * self.weight_sqnorm() - lam * T)
+        return SlopeTerms(self.effective_params(), lam * self.weight_sqnorm(), lam * T)
 
     # --- predictive
     def predict(self, x: Tensor, covariance: bool = True, chunk: int = 256) -> tuple[Tensor, Tensor | None]:

@@ -34,6 +34,7 @@ from fntk.classify.objective import (
     F64,
     FORCING,
     FitInfo,
+    SlopeTerms,
     Terms,
     hessian_derivative,
     line_search,
@@ -214,11 +215,14 @@ class LastLayer:
         return -(self.terms.value + 0.5 * self.lam * self.weight_sqnorm()) - self.log_det_term()
 
     def evidence_slope(self) -> float:
-        """d log Z / d log λ, exactly: ½[γ − λ‖Θ − M₀‖² − λ Σ_i tr(S_i DH_i[J_i dw*/dλ])]."""
+        return self.slope_terms().slope
+
+    def slope_terms(self) -> SlopeTerms:
+        """d log Z / d log λ = ½[γ − λ‖Θ − M₀‖² − λ Σ_i tr(S_i DH_i[J_i dw*/dλ])], exactly, in pieces."""
         lam = self.lam
         dH = hessian_derivative(self, -(self.Phi @ self._dW.T))
         T = float(torch.einsum("nkl,nlk->", self._train_blocks(), dH))
-        return 0.5 * (self.effective_params() - lam * self.weight_sqnorm() - lam * T)
+        return SlopeTerms(self.effective_params(), lam * self.weight_sqnorm(), lam * T)
 
     # ------------------------------------------------------------------ predictive
     def predict(self, x: Tensor, covariance: bool = True, chunk: int = 256) -> tuple[Tensor, Tensor | None]:

@@ -83,6 +83,21 @@ class FitInfo:
         return self.converged or it == max_iter
 
 
+@dataclass(frozen=True)
+class SlopeTerms:
+    """The three pieces of the evidence's slope d log Z / d log λ = ½(γ − λ‖w* − μ₀‖² − λT)
+    (:func:`fntk.classify.evidence.optimize_prior_precision`), each kept because the λ search models
+    them separately."""
+
+    gamma: float
+    lam_sq: float
+    lam_t: float
+
+    @property
+    def slope(self) -> float:
+        return 0.5 * (self.gamma - self.lam_sq - self.lam_t)
+
+
 def pcg(
     matmul: Callable[[Tensor], Tensor],
     b: Tensor,

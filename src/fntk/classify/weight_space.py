@@ -17,6 +17,7 @@ from fntk.classify.objective import (
     F64,
     FORCING,
     FitInfo,
+    SlopeTerms,
     Terms,
     chol,
     eye,
@@ -228,7 +229,10 @@ class WeightSpace:
         return self.U @ (Uv / (self.s + self.lam)) + (v - self.U @ Uv) / self.lam
 
     def evidence_slope(self) -> float:
-        """d log Z / d log λ: exact when dense, with the low-rank covariance otherwise."""
+        return self.slope_terms().slope
+
+    def slope_terms(self) -> SlopeTerms:
+        """The pieces of d log Z / d log λ: exact when dense, with the low-rank covariance otherwise."""
         lam = self.lam
         dH = hessian_derivative(self, -self.jv(self._cov_mv(self.w - self.mu0)[:, None])[..., 0])
         if self.dense:
@@ -238,13 +242,13 @@ class WeightSpace:
             T = float(torch.einsum("pnl,pnl->", torch.einsum("pnk,nkl->pnl", V, dH), V))
             # γ = tr(G P⁻¹) = Σ_i ‖L_iᵀ J_i R⁻ᵀ‖² from the same V (no p × p triangular inverse)
             gamma = float(torch.einsum("pnk,nkm->pnm", V, self.terms.L).square().sum())
-            return 0.5 * (gamma - lam * self.weight_sqnorm() - lam * T)
+            return SlopeTerms(gamma, lam * self.weight_sqnorm(), lam * T)
         else:
             JU = self.jv(self.U)
             D = 1.0 / (self.s + lam) - 1.0 / lam
             S = kernel_diag_blocks(self.lin, self.x) / lam + torch.einsum("nkr,nlr->nkl", JU * D, JU)
             T = float(torch.einsum("nkl,nlk->", S, dH))
-        return 0.5 * (self.effective_params() - lam * self.weight_sqnorm() - lam * T)
+        return SlopeTerms(self.effective_params(), lam * self.weight_sqnorm(), lam * T)
 
     def predict(self, x: Tensor, covariance: bool = True, chunk: int = 256) -> tuple[Tensor, Tensor | None]:
         """Mean (c, k) and covariance J* Σ J*ᵀ (c, k, k) of the linearized logits at checked x."""
