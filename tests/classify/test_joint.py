@@ -17,8 +17,9 @@ import fntk
 from fntk import LinearizedClassifier
 from fntk.classify.evidence import optimize_prior_precision
 from fntk.classify.last_layer import LastLayer
-from fntk.classify.predictive import psd_root, sample_logits
+from fntk.classify.predictive import sample_logits
 from fntk.likelihoods import Categorical
+from fntk.linalg import psd_root
 from fntk.linearize.taps import final_linear
 
 from classify_reference import DenseReference, _data

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from fntk.linalg import psd_root
+
 F64 = torch.float64
 
 
@@ -30,21 +32,13 @@ def class_probs(f: Tensor) -> Tensor:
     return torch.softmax(f, dim=-1)
 
 
-def psd_root(cov: Tensor) -> Tensor:
-    """A root A (..., N, N) with A Aᵀ = Σ of a symmetric PSD Σ (..., N, N): A = Q diag(√max(e, 0))
-    from the eigendecomposition ½(Σ + Σᵀ) = Q diag(e) Qᵀ (a singular Σ is fine: no jitter, and the
-    eigenvalues that rounding made negative are set to 0)."""
-    ev, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
-    return Q * ev.clamp_min(0).sqrt()[..., None, :]
-
-
 def sample_logits(
     mean: Tensor, cov: Tensor, num_samples: int, generator: torch.Generator | None = None
 ) -> Tensor:
     """Joint draws (s, m, k) of the logits f ~ N(μ, Σ) at m points: μ (m, k), Σ (m·k × m·k)
     point-major (row i·k + c: point i, logit c), float64.
 
-    f_s = μ + A ε_s (flattened point-major) with A = :func:`psd_root` (Σ) and base draws
+    f_s = μ + A ε_s (flattened point-major) with A = :func:`fntk.linalg.psd_root` (Σ) and base draws
     ε (m·k, s) ~ N(0, I) from ``torch.randn(m·k, s, generator=generator)`` on the CPU (torch's
     default generator when ``generator`` is None), as :meth:`fntk.gp.NTKPosterior.sample` draws
     its ε (N, m, s)."""
@@ -74,4 +68,4 @@ def glm_predictive(
     return class_probs(mean + torch.einsum("mkl,sml->smk", A, eps)).mean(0)
 
 
-__all__ = ["class_probs", "glm_predictive", "psd_root", "sample_logits"]
+__all__ = ["class_probs", "glm_predictive", "sample_logits"]

@@ -14,7 +14,7 @@ from fntk import inputs, validation
 from fntk.gp import plan
 from fntk.gp.hyper import F64
 from fntk.gp.means import offset_uses_network
-from fntk.linalg import safe_cholesky
+from fntk.linalg import psd_root
 
 
 class NTKPosterior:
@@ -79,7 +79,10 @@ class NTKPosterior:
     def sample(
         self, num_samples: int = 1, predictive: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Joint samples of f(x*) (or of y* with ``predictive=True``): (s, m), or (s, m, k)."""
+        """Joint samples of f(x*) (or of y* with ``predictive=True``): (s, m), or (s, m, k).
+
+        f = μ + A ε with A Aᵀ = Σ (:func:`fntk.linalg.psd_root`, per output) and ε (k', m, s) from
+        ``torch.randn(..., generator=generator)``."""
         num_samples = validation.positive_int("num_samples", num_samples)
         validation.flag("predictive", predictive)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -94,9 +97,9 @@ class NTKPosterior:
                 C = C + torch.diag_embed(noise)[None]
             else:
                 C = C + noise.reshape(-1, 1, 1) * torch.eye(m, dtype=C.dtype, device=C.device)
-        L = safe_cholesky(0.5 * (C + C.mT), "the posterior covariance")
+        A = psd_root(C)  # exact for the singular covariances of repeated or training points
         eps = torch.randn(C.shape[0], m, num_samples, dtype=C.dtype, generator=generator).to(C.device)
-        draws = (L @ eps).permute(2, 1, 0)  # (s, m, k')
+        draws = (A @ eps).permute(2, 1, 0)  # (s, m, k')
         draws = draws + (self.mean if multi else self.mean[:, None])
         return draws if multi else draws[..., 0]
 
