@@ -120,6 +120,8 @@ def test_tapped_positions_equal_dense_jacobian(name, form, monkeypatch):
         tj = TappedJacobian(lin, xc, an)
         if form == "kron":
             assert "kron" in tj.modes
+        if name == "cnn" and form == "auto":  # conv 1→3 (3×3) as explicit rows over S = 64 pixels
+            assert tj.modes[0] == "explicit" and tj.tap_flops == n * 2 * k * 64 * (27 + 3)
         assert (len(tj._chunks) > 1) == (budget < 10**6)
         assert rel_err(tj.jvp(V), torch.einsum("nkp,pr->nkr", J, V)) <= 1e-12
         assert rel_err(tj.vjp(U), torch.einsum("nkp,nkr->pr", J, U)) <= 1e-12

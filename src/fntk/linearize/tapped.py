@@ -98,6 +98,7 @@ class TappedJacobian:
             o += size
         self._slices = offsets
         kept, flops = 0, 0.0  # numbers kept per point; flops of one J V (or Jᵀ U) column per point
+        formed = 0.0  # flops per point of the explicit rows Σ_s g_ics ã_isᵀ of S > 1 layers
         self._explicit: list[str] = []  # parameter names of X's columns, in order
         for L, m in zip(an.layers, self.modes):
             if m == "kron":
@@ -110,8 +111,11 @@ class TappedJacobian:
                 q = sum(offsets[n][1] - offsets[n][0] for n in names)
                 kept += self.k * q
                 flops += 2.0 * self.k * q
-        #: flops of one J V or Jᵀ U column over all points (fntk.ntk.costs.tapped_product_seconds)
-        self.column_flops = flops * x.shape[0]
+                if L.weight and L.kind != "norm" and L.S > 1:
+                    formed += 2.0 * self.k * L.S * L.q()
+        #: flops of one J V or Jᵀ U column, and of forming the explicit rows, over all points
+        #: (fntk.ntk.costs.tapped_product_seconds)
+        self.column_flops, self.tap_flops = flops * x.shape[0], formed * x.shape[0]
         item = torch.finfo(lin.dtype).bits // 8
         size = lin.rows_per_chunk(self.k, extra_per_row=2 * kept)
         self._chunks = lin.chunks(x.shape[0], size)

@@ -46,11 +46,12 @@ def ggn_product_seconds(flops: float, n: int, r: int, jvp: float = 1.0, vjp: flo
 
 
 def tapped_product_seconds(flops: float, n: int, k: int, r: int, column_flops: float, cached: bool,
-                           directions: int = 2) -> float:
+                           directions: int = 2, tap_flops: float = 0.0) -> float:
     """Tapped products (:mod:`fntk.linearize.tapped`) with r columns: the taps (a forward and k
-    backward passes per point) unless kept from an earlier product, then ``directions`` GEMM
-    passes (J V and/or Jᵀ U) of ``column_flops`` each per column."""
-    taps = 0.0 if cached else 2 * flops * n * (1 + 2 * k) / R_AD
+    backward passes per point, plus ``tap_flops`` of GEMMs forming explicit rows over positions)
+    unless kept from an earlier product, then ``directions`` GEMM passes (J V and/or Jᵀ U) of
+    ``column_flops`` each per column."""
+    taps = 0.0 if cached else 2 * flops * n * (1 + 2 * k) / R_AD + tap_flops / R_GEMM
     return taps + directions * r * column_flops / R_GEMM
 
 

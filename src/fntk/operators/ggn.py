@@ -184,9 +184,10 @@ class GGNOperator(SymmetricWeightOperator):
         if tj is None:
             return None
         F, n, k = analyze(lin, tj.x).flops, self.f.shape[0], lin.num_outputs
-        column_flops = tj.column_flops * n / tj.x.shape[0]  # tj holds the first batch of a loader
+        per = n / tj.x.shape[0]  # tj holds the first batch of a loader
         options = {
-            "tapped": tapped_product_seconds(F, n, k, r, column_flops, tj.cached(), 2),
+            "tapped": tapped_product_seconds(F, n, k, r, tj.column_flops * per, tj.cached(), 2,
+                                             tj.tap_flops * per),
             "autodiff": ggn_product_seconds(F, n, r, lin.slowdown("jvp"), lin.slowdown("vjp")),
         }
         return tj if cheapest(options, "the GGN product") == "tapped" else None

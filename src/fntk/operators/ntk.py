@@ -138,8 +138,9 @@ class NTKOperator(LinOperator):
         F, k = analyze(lin, self.x1).flops, lin.num_outputs
         n1, n2 = self.x1.shape[0], self.x2.shape[0]
         t1, t2 = pair
-        tapped = tapped_product_seconds(F, n2, k, r, t2.column_flops, t2.cached(), 1)
-        tapped += tapped_product_seconds(F, n1, k, r, t1.column_flops, t1.cached() or t1 is t2, 1)
+        tapped = tapped_product_seconds(F, n2, k, r, t2.column_flops, t2.cached(), 1, t2.tap_flops)
+        tapped += tapped_product_seconds(F, n1, k, r, t1.column_flops, t1.cached() or t1 is t2, 1,
+                                         t1.tap_flops)
         autodiff = ntk_product_seconds(F, n1, n2, r, lin.slowdown("vjp"), lin.slowdown("jvp"))
         return pair if cheapest({"tapped": tapped, "autodiff": autodiff}, "K @ V") == "tapped" else None
 
