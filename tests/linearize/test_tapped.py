@@ -204,3 +204,23 @@ def test_float32():
     J = dense_jacobian(model.double(), x.double())
     assert G._tapped(3) is not None
     assert rel_err((G @ V).double(), torch.einsum("nkp,nkq,qr->pr", J, J, V.double())) <= 1e-5
+
+
+def test_repeated_products_take_the_taps_once_they_pay():
+    """A single product on a CNN is cheaper by autodiff (the taps cost k backward passes); repeated
+    products (CG, Lanczos) share kept taps, so the operator switches to them after a few calls —
+    every product equal to the dense float64 GGN."""
+    model, x = _positions_model("cnn")
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    J = dense_jacobian(model, x)
+    f = torch.func.functional_call(model, dict(model.named_parameters()), (x,)).detach()
+    pi = torch.softmax(f, -1)
+    H = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None]
+    G = fntk.GGNOperator(fntk.Linearized(model), x, Categorical(), y=y)
+    used = []
+    for _ in range(4):
+        v = torch.randn(J.shape[2], generator=g, dtype=F64)
+        assert rel_err(G @ v, torch.einsum("nkp,nkl,nlq,q->p", J, H, J, v)) <= 1e-12
+        used.append(G._taps["tj"].cached())
+    assert used[0] is False and used[-1] is True

@@ -123,6 +123,10 @@ class TappedJacobian:
         self._work = max(1, lin.memory_budget // (4 * item))  # numbers of one S > 1 layer's temporaries
         self._taps: dict[int, list[Tensor]] = {}
 
+    def keeps(self) -> bool:
+        """Whether the taps are kept between products (they fit half the memory budget)."""
+        return self._keep
+
     def cached(self) -> bool:
         """Whether every chunk's taps are kept from an earlier product."""
         return self._keep and len(self._taps) == len(self._chunks)

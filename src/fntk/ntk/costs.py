@@ -55,5 +55,12 @@ def tapped_product_seconds(flops: float, n: int, k: int, r: int, column_flops: f
     return taps + directions * r * column_flops / R_GEMM
 
 
-__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds",
+def amortized(first: float, later: float, calls: int) -> float:
+    """The price of an operator's product when its one-time part (``first`` − ``later``, e.g. the
+    taps) is shared by the ``calls`` products made so far and this one: repeated products (CG,
+    Lanczos) take a path that pays after a few calls, a single product the cheapest one."""
+    return later + (first - later) / (calls + 1)
+
+
+__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "amortized", "cholesky_seconds", "ntk_product_seconds",
            "ggn_product_seconds", "tapped_product_seconds"]
