@@ -127,6 +127,10 @@ def test_tapped_positions_equal_dense_jacobian(name, form, monkeypatch):
         assert rel_err(tj.vjp(U), torch.einsum("nkp,nkr->pr", J, U)) <= 1e-12
         got = tj.ggn(V, lambda u, s: torch.einsum("nkl,nlr->nkr", Hm[s], u))
         assert rel_err(got, torch.einsum("nkp,nkl,nlq,qr->pr", J, Hm, J, V)) <= 1e-12
+    K = fntk.NTKOperator(lin, x, dense=False)  # the matrix-free operator on the same taps
+    W = torch.randn(n * k, 4, generator=g, dtype=F64)
+    assert rel_err(K @ W, torch.einsum("ikp,jlp->ikjl", J, J).reshape(n * k, n * k) @ W) <= 1e-12
+    assert K._cache["tapped"] is not None
 
 
 def test_layer_form_rule():
