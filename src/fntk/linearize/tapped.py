@@ -72,16 +72,26 @@ def _validate(lin: Linearized, an: Analysis) -> bool:
     return ok_j and ok_t
 
 
+def tap_cost(L: Layer, k: int, mode: str) -> tuple[int, float, float]:
+    """Layer L with k outputs in ``mode``: (numbers kept per point, flops per point of one J V or
+    Jᵀ U column, flops per point of forming its explicit rows Σ_s g_ics ã_isᵀ)."""
+    if mode == "kron":
+        d = L.d_in + (1 if L.bias else 0)
+        return L.S * (d + k * L.d_out), 2.0 * L.S * L.d_out * (d + k), 0.0
+    q = L.q()
+    formed = 2.0 * k * L.S * q if L.weight and L.kind != "norm" and L.S > 1 else 0.0
+    return k * q, 2.0 * k * q, formed
+
+
 def layer_mode(L: Layer, k: int) -> str:
     """"kron" or "explicit" for layer L with k outputs (see the module docstring)."""
     if L.kind == "norm" or not L.can_kron():
         return "explicit"
     if L.S == 1:
         return "kron"
-    d = L.d_in + (1 if L.bias else 0)
-    kron_kept, kron_col = L.S * (d + k * L.d_out), 2.0 * L.S * L.d_out * (d + k)
-    rows = k * L.q()
-    return "explicit" if rows <= 2 * kron_kept and 2.0 * rows < kron_col else "kron"
+    kron_kept, kron_col, _ = tap_cost(L, k, "kron")
+    rows, rows_col, _ = tap_cost(L, k, "explicit")
+    return "explicit" if rows <= 2 * kron_kept and rows_col < kron_col else "kron"
 
 
 class TappedJacobian:
@@ -97,25 +107,16 @@ class TappedJacobian:
             offsets[name] = (o, o + size)
             o += size
         self._slices = offsets
-        kept, flops = 0, 0.0  # numbers kept per point; flops of one J V (or Jᵀ U) column per point
-        formed = 0.0  # flops per point of the explicit rows Σ_s g_ics ã_isᵀ of S > 1 layers
-        self._explicit: list[str] = []  # parameter names of X's columns, in order
-        for L, m in zip(an.layers, self.modes):
-            if m == "kron":
-                d = L.d_in + (1 if L.bias else 0)
-                kept += L.S * (d + self.k * L.d_out)
-                flops += 2.0 * L.S * L.d_out * (d + self.k)
-            else:
-                names = [n for n in (L.weight, L.bias) if n]
-                self._explicit += names
-                q = sum(offsets[n][1] - offsets[n][0] for n in names)
-                kept += self.k * q
-                flops += 2.0 * self.k * q
-                if L.weight and L.kind != "norm" and L.S > 1:
-                    formed += 2.0 * self.k * L.S * L.q()
+        costs = [tap_cost(L, self.k, m) for L, m in zip(an.layers, self.modes)]
+        kept = sum(c[0] for c in costs)  # numbers kept per point
         #: flops of one J V or Jᵀ U column, and of forming the explicit rows, over all points
         #: (fntk.ntk.costs.tapped_product_seconds)
-        self.column_flops, self.tap_flops = flops * x.shape[0], formed * x.shape[0]
+        self.column_flops = sum(c[1] for c in costs) * x.shape[0]
+        self.tap_flops = sum(c[2] for c in costs) * x.shape[0]
+        #: parameter names of the explicit rows' columns, in order; the kron-form layers, in order
+        layers = list(zip(an.layers, self.modes))
+        self._explicit = [n for L, m in layers if m != "kron" for n in (L.weight, L.bias) if n]
+        self._kron = [L for L, m in layers if m == "kron"]
         item = torch.finfo(lin.dtype).bits // 8
         size = lin.rows_per_chunk(self.k, extra_per_row=2 * kept)
         self._chunks = lin.chunks(x.shape[0], size)
@@ -146,9 +147,7 @@ class TappedJacobian:
     def _blocks(self, V: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """V (p, r) → per Linear layer (r, d_out, d̃) blocks, and the explicit rows (Q, r)."""
         r, blocks = V.shape[1], []
-        for L, m in zip(self.an.layers, self.modes):
-            if m != "kron":
-                continue
+        for L in self._kron:
             w0, w1 = self._slices[L.weight]
             W = V[w0:w1].T.reshape(r, L.d_out, L.d_in)
             if L.bias:
@@ -160,13 +159,11 @@ class TappedJacobian:
 
     def _kron_layers(self, F: list[Tensor]):
         """(t, layer, A (b, S, d̃), G (b, k, S, d_out)) of the kron-form layers in the taps F."""
-        kron = [L for L, m in zip(self.an.layers, self.modes) if m == "kron"]
-        return [(t, L, F[1 + 2 * t], F[2 + 2 * t]) for t, L in enumerate(kron)]
+        return [(t, L, F[1 + 2 * t], F[2 + 2 * t]) for t, L in enumerate(self._kron)]
 
     def _sub(self, b: int, per_point: int) -> list[slice]:
         """Sub-batches of b points whose S > 1 temporaries (per_point numbers each) fit the budget."""
-        size = max(1, self._work // max(per_point, 1))
-        return [slice(i, min(i + size, b)) for i in range(0, b, size)]
+        return self.lin.chunks(b, self._work // max(per_point, 1))
 
     def _jv(self, F: list[Tensor], blocks: list[Tensor], Vx: Tensor | None, r: int) -> Tensor:
         b = F[0].shape[0]
