@@ -46,21 +46,16 @@ def ggn_product_seconds(flops: float, n: int, r: int, jvp: float = 1.0, vjp: flo
 
 
 def tapped_product_seconds(flops: float, n: int, k: int, r: int, column_flops: float, cached: bool,
-                           directions: int = 2, tap_flops: float = 0.0) -> float:
+                           directions: int = 2, tap_flops: float = 0.0, shared: int = 1) -> float:
     """Tapped products (:mod:`fntk.linearize.tapped`) with r columns: the taps (a forward and k
     backward passes per point, plus ``tap_flops`` of GEMMs forming explicit rows over positions)
     unless kept from an earlier product, then ``directions`` GEMM passes (J V and/or Jᵀ U) of
-    ``column_flops`` each per column."""
-    taps = 0.0 if cached else 2 * flops * n * (1 + 2 * k) / R_AD + tap_flops / R_GEMM
+    ``column_flops`` each per column. ``shared``: how many products share the taps — an operator
+    whose taps are kept counts its products so far and this one, so that repeated products (CG,
+    Lanczos) take the taps once they pay and a single product the cheapest path."""
+    taps = 0.0 if cached else (2 * flops * n * (1 + 2 * k) / R_AD + tap_flops / R_GEMM) / shared
     return taps + directions * r * column_flops / R_GEMM
 
 
-def amortized(first: float, later: float, calls: int) -> float:
-    """The price of an operator's product when its one-time part (``first`` − ``later``, e.g. the
-    taps) is shared by the ``calls`` products made so far and this one: repeated products (CG,
-    Lanczos) take a path that pays after a few calls, a single product the cheapest one."""
-    return later + (first - later) / (calls + 1)
-
-
-__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "amortized", "cholesky_seconds", "ntk_product_seconds",
+__all__ = ["R_GEMM", "R_AD", "ELEM", "cheapest", "cholesky_seconds", "ntk_product_seconds",
            "ggn_product_seconds", "tapped_product_seconds"]

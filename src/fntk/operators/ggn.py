@@ -48,7 +48,7 @@ from fntk.likelihoods import Likelihood, resolve
 from fntk.linearize import Linearized
 from fntk.linearize.tapped import TappedJacobian, tapped_layers
 from fntk.linearize.taps import analyze
-from fntk.ntk.costs import amortized, cheapest, ggn_product_seconds, tapped_product_seconds
+from fntk.ntk.costs import cheapest, ggn_product_seconds, tapped_product_seconds
 from fntk.operators.base import SymmetricWeightOperator, as_columns, from_columns
 from fntk.operators.ggn_diagonal import ggn_dense, ggn_diagonal
 
@@ -186,10 +186,10 @@ class GGNOperator(SymmetricWeightOperator):
         F, n, k = analyze(lin, tj.x).flops, self.f.shape[0], lin.num_outputs
         per = n / tj.x.shape[0]  # tj holds the first batch of a loader
         calls = self._taps["calls"] = self._taps.get("calls", 0) + 1
-        once = tapped_product_seconds(F, n, k, r, tj.column_flops * per, tj.cached(), 2, tj.tap_flops * per)
-        kept = tapped_product_seconds(F, n, k, r, tj.column_flops * per, True, 2)
-        options = {  # taps that are kept are shared by the products to come (CG, Lanczos)
-            "tapped": amortized(once, kept, calls - 1) if tj.keeps() else once,
+        shared = calls if tj.keeps() else 1
+        options = {
+            "tapped": tapped_product_seconds(F, n, k, r, tj.column_flops * per, tj.cached(), 2,
+                                             tj.tap_flops * per, shared),
             "autodiff": ggn_product_seconds(F, n, r, lin.slowdown("jvp"), lin.slowdown("vjp")),
         }
         return tj if cheapest(options, "the GGN product") == "tapped" else None

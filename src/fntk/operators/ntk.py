@@ -18,7 +18,7 @@ from fntk.linearize import Linearized
 from fntk.linearize.tapped import TappedJacobian, tapped_layers
 from fntk.linearize.taps import analyze
 from fntk.ntk import cache
-from fntk.ntk.costs import amortized, cheapest, ntk_product_seconds, tapped_product_seconds
+from fntk.ntk.costs import cheapest, ntk_product_seconds, tapped_product_seconds
 from fntk.ntk.methods import choose_method
 from fntk.operators.base import LinOperator, as_columns, check_output, from_columns
 
@@ -139,12 +139,10 @@ class NTKOperator(LinOperator):
         n1, n2 = self.x1.shape[0], self.x2.shape[0]
         t1, t2 = pair
         calls = self._cache["tapped_calls"] = self._cache.get("tapped_calls", 0) + 1
-        first = tapped_product_seconds(F, n2, k, r, t2.column_flops, t2.cached(), 1, t2.tap_flops)
-        first += tapped_product_seconds(F, n1, k, r, t1.column_flops, t1.cached() or t1 is t2, 1,
-                                        t1.tap_flops)
-        later = tapped_product_seconds(F, n2, k, r, t2.column_flops, True, 1)
-        later += tapped_product_seconds(F, n1, k, r, t1.column_flops, True, 1)
-        tapped = amortized(first, later, calls - 1) if t1.keeps() and t2.keeps() else first
+        shared = calls if t1.keeps() and t2.keeps() else 1
+        tapped = tapped_product_seconds(F, n2, k, r, t2.column_flops, t2.cached(), 1, t2.tap_flops, shared)
+        tapped += tapped_product_seconds(F, n1, k, r, t1.column_flops, t1.cached() or t1 is t2, 1,
+                                         t1.tap_flops, shared)
         autodiff = ntk_product_seconds(F, n1, n2, r, lin.slowdown("vjp"), lin.slowdown("jvp"))
         return pair if cheapest({"tapped": tapped, "autodiff": autodiff}, "K @ V") == "tapped" else None
 
