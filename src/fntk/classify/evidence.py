@@ -106,36 +106,36 @@ def optimize_prior_precision(
     lo_b, hi_b = math.log(bounds[0]), math.log(bounds[1])
     rho, ml = math.log(lam0), MarglikInfo()
     info = backend.fit(math.exp(rho), tol, max_iter)
-    pts: list[tuple[float, float]] = []
-    terms: list[tuple[float, SlopeTerms]] = []
+    terms: list[tuple[float, SlopeTerms]] = []  # (ρ, the slope's pieces) per evaluation
     prev_step = 0.0
     for _ in range(max_steps):
         lam = math.exp(rho)
         st = backend.slope_terms()
-        D, sq = st.slope, backend.weight_sqnorm()
+        D = st.slope
         ml.history.append((lam, backend.log_evidence(), D))
-        pts.append((rho, D))
         terms.append((rho, st))
         if abs(D) <= slope_tol:  # log Z changes by < slope_tol per e-fold of λ
             ml.converged = True
             break
         # MacKay-type step: the zero of D if γ − λT and ‖w* − μ₀‖² stayed fixed; it always moves
-        # uphill (the sign of D), so it is the fallback whenever the secant points the wrong way
-        num = 2 * D + lam * sq
-        step = math.log(num / (lam * sq)) if num > 0 and sq > 0 else math.copysign(3.0, D)
-        pos = [r for r, v in pts if v > 0]  # evidence increasing there: the maximum lies above
-        neg = [r for r, v in pts if v < 0]
+        # uphill (the sign of D), so it is the fallback whenever the other steps point the wrong way
+        num = 2 * D + st.lam_sq
+        step = math.log(num / st.lam_sq) if num > 0 and st.lam_sq > 0 else math.copysign(3.0, D)
+        pos = [r for r, t in terms if t.slope > 0]  # evidence increasing there: the maximum lies above
+        neg = [r for r, t in terms if t.slope < 0]
         bracketed = bool(pos and neg and max(pos) < min(neg))
-        if len(pts) >= 2:
-            (r0, d0), (r1, d1) = pts[-2], pts[-1]
-            sec = r1 - d1 * (r1 - r0) / (d1 - d0) if d1 != d0 else math.nan
-            if math.isfinite(sec) and (sec - rho) * D > 0:
-                step = sec - rho
+        if len(terms) >= 2:
             root = model_step(terms[-2], terms[-1], max_step)
             if root is not None and math.isfinite(root):
                 step = root - rho
-            elif not bracketed and d0 * d1 > 0 and abs(d1) > 0.25 * abs(d0):  # slow progress: expand
-                step = math.copysign(max(abs(step), 2 * abs(prev_step)), D)
+            else:  # a secant on D, expanded while D shrinks slowly
+                (r0, t0), (r1, t1) = terms[-2], terms[-1]
+                d0, d1 = t0.slope, t1.slope
+                sec = r1 - d1 * (r1 - r0) / (d1 - d0) if d1 != d0 else math.nan
+                if math.isfinite(sec) and (sec - rho) * D > 0:
+                    step = sec - rho
+                if not bracketed and d0 * d1 > 0 and abs(d1) > 0.25 * abs(d0):
+                    step = math.copysign(max(abs(step), 2 * abs(prev_step)), D)
         new = rho + step
         if bracketed:
             a, b = max(pos), min(neg)

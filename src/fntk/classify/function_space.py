@@ -143,9 +143,6 @@ class FunctionSpace:
     def log_evidence(self) -> float:
         return -(self.terms.value + 0.5 * self.lam * self.weight_sqnorm()) - self.log_det_term()
 
-    def evidence_slope(self) -> float:
-        return self.slope_terms().slope
-
     def slope_terms(self) -> SlopeTerms:
         """The pieces of d log Z / d log λ, exactly (see :func:`optimize_prior_precision`); the diagonal
         blocks of S = J P⁻¹ Jᵀ = K̃ − Vᵀ V, V = R⁻¹ Lᵀ K̃, cost one triangular solve with n·k

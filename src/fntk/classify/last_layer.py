@@ -214,9 +214,6 @@ class LastLayer:
     def log_evidence(self) -> float:
         return -(self.terms.value + 0.5 * self.lam * self.weight_sqnorm()) - self.log_det_term()
 
-    def evidence_slope(self) -> float:
-        return self.slope_terms().slope
-
     def slope_terms(self) -> SlopeTerms:
         """d log Z / d log λ = ½[γ − λ‖Θ − M₀‖² − λ Σ_i tr(S_i DH_i[J_i dw*/dλ])], exactly, in pieces."""
         lam = self.lam

@@ -228,9 +228,6 @@ class WeightSpace:
         Uv = self.U.T @ v
         return self.U @ (Uv / (self.s + self.lam)) + (v - self.U @ Uv) / self.lam
 
-    def evidence_slope(self) -> float:
-        return self.slope_terms().slope
-
     def slope_terms(self) -> SlopeTerms:
         """The pieces of d log Z / d log λ: exact when dense, with the low-rank covariance otherwise."""
         lam = self.lam
