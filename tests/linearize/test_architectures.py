@@ -19,6 +19,7 @@ import fntk
 from fntk.curvature import ggn_diagonal
 from fntk.likelihoods import Categorical
 from fntk.linearize import engine
+from fntk.linearize.tapped import TappedJacobian, tapped_layers
 from zoo import EXPECT, REFUSED, WORKING, Selected, build, reference_model
 
 from reference import assert_same_fingerprint, dense_jacobian, eval_forward, fingerprint, rel_err
@@ -53,6 +54,36 @@ def setup(name: str):
 def ntk_of(J1, J2):
     K = torch.einsum("ikp,jlp->ikjl", J1, J2)
     return K[:, 0, :, 0] if K.shape[1] == 1 else K
+
+
+#: the families whose every selected parameter has a layer rule, so the tapped products apply
+TAPPED = {"resnet_bn", "hardswish_se", "checkpoint", "tuple_out", "dict_out", "model_output",
+          "broken_vmap_rule"}
+
+
+@pytest.mark.parametrize("name", WORKING)
+def test_tapped_products_where_they_apply(name):
+    """The tapped multi-column products (convolutions, BN, SE, Linear; the output selections; a
+    broken vmap rule, caught by the probes) equal the dense Jacobian; every family with a parameter
+    outside the layer rules (PReLU, RNNs, attention, embeddings, tied or parametrized weights,
+    Linear subclasses) keeps the autodiff path."""
+    case, lin, J, _ = setup(name)
+    x = lin.check_input(case.x)
+    an = tapped_layers(lin, x)
+    assert (an is not None) == (name in TAPPED)
+    if an is None:
+        return
+    tj = TappedJacobian(lin, x, an)
+    n, k, p = J.shape
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(p, 3, generator=g, dtype=torch.float64)
+    U = torch.randn(n, k, 3, generator=g, dtype=torch.float64)
+    H = torch.randn(n, k, k, generator=g, dtype=torch.float64)
+    dt = lin.dtype
+    assert rel_err(tj.jvp(V.to(dt)).double(), torch.einsum("nkp,pr->nkr", J, V)) <= 1e-12
+    assert rel_err(tj.vjp(U.to(dt)).double(), torch.einsum("nkp,nkr->pr", J, U)) <= 1e-12
+    got = tj.ggn(V.to(dt), lambda u, s: torch.einsum("nkl,nlr->nkr", H[s].to(dt), u)).double()
+    assert rel_err(got, torch.einsum("nkp,nkl,nlq,qr->pr", J, H, J, V)) <= 1e-12
 
 
 # ---------------------------------------------------------------------------------- Linearized

@@ -228,3 +228,33 @@ def test_repeated_products_take_the_taps_once_they_pay():
         assert rel_err(G @ v, torch.einsum("nkp,nkl,nlq,q->p", J, H, J, v)) <= 1e-12
         used.append(G._taps["tj"].cached())
     assert used[0] is False and used[-1] is True
+
+
+class _DictCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN(k=3)
+
+    def forward(self, pixels, scale):
+        return self.net(pixels * scale[:, None, None, None])
+
+
+def test_tapped_products_with_dict_inputs():
+    """model(**batch) with a convolution: the tapped J V and the GGN operator on the tapped path equal
+    the dense Jacobian, over several chunks of the dict's rows and over one."""
+    torch.manual_seed(0)
+    model = _DictCNN().to(F64).eval()
+    g = torch.Generator().manual_seed(6)
+    x = {"pixels": torch.randn(9, 1, 8, 8, generator=g, dtype=F64),
+         "scale": torch.rand(9, generator=g, dtype=F64) + 0.5}
+    J = dense_jacobian(model, x)
+    V = torch.randn(J.shape[2], 3, generator=g, dtype=F64)
+    for budget in (40_000, 10**8):
+        lin = fntk.Linearized(model, memory_budget=budget)
+        xc = lin.check_input(x)
+        tj = TappedJacobian(lin, xc, tapped_layers(lin, xc))
+        assert (len(tj._chunks) > 1) == (budget < 10**6)
+        assert rel_err(tj.jvp(V), torch.einsum("nkp,pr->nkr", J, V)) <= 1e-12
+        G = fntk.GGNOperator(lin, x, Gaussian(1.0))
+        assert rel_err(G @ V, torch.einsum("nkp,nkq,qr->pr", J, J, V)) <= 1e-12
+        assert G._taps["tj"].cached()  # the product ran on the (kept) taps
