@@ -250,11 +250,10 @@ class Linearized:
         if inputs.is_loader(x):
             return torch.cat([self.forward(xb) for xb in self.batches(x)])
         x = self.check_input(x)
-        size = self.rows_per_chunk(0)
-
         def rows(xs: Tensor) -> Tensor:
+            parts, theta = streaming.forward_pass(self, xs)
             with self._session(grad=False):
-                return torch.cat([self.function(xs[s])(self._theta) for s in self.chunks(xs.shape[0], size)])
+                return torch.cat([self.function(xp)(theta) for xp in parts])
 
         return streaming.by_rank(rows, x)
 

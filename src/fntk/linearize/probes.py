@@ -62,6 +62,9 @@ class Capabilities:
             when even plain autograd cannot (e.g. an op without a double backward).
         points: probe batch size; seconds: time the probes took; units: that time in forward+
             backward passes of the probe batch.
+        layout: the memory format of image batches in forward-only passes, probed on first use
+            (None before): ``"channels_last"`` or ``"standard"`` (see
+            :func:`fntk.linearize.streaming.channels_last`).
         rejected: faster paths that raised or disagreed, with the reason.
     """
 
@@ -78,6 +81,7 @@ class Capabilities:
     seconds: float = 0.0
     units: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)
+    layout: str | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fntk import inputs
+from fntk.linearize import streaming
 from fntk.linearize.linearized import Linearized
 from fntk.linearize.probes import close, tolerance
 
@@ -359,8 +360,9 @@ def _find_final(lin: Linearized, x: Tensor) -> FinalLinear | None:
         phi, out = final_inputs(lin, info, xb)
     except (RuntimeError, ValueError):
         return None
+    parts, theta = streaming.forward_pass(lin, xb)  # the same layout as final_inputs'
     with lin._session(grad=False):
-        f = lin.function(xb)(lin.theta_dict())
+        f = torch.cat([lin.function(xp)(theta) for xp in parts])
     if out.shape != f.shape or not torch.equal(out, f) or phi.shape != (xb.shape[0], L.d_in):
         return None
     U = torch.randn(xb.shape[0], f.shape[1], 2, generator=torch.Generator().manual_seed(3),
@@ -374,22 +376,22 @@ def _find_final(lin: Linearized, x: Tensor) -> FinalLinear | None:
 
 def final_inputs(lin: Linearized, info: FinalLinear, x: Tensor) -> tuple[Tensor, Tensor]:
     """(φ(x) (n, d_in), f(x) (n, k)): the final layer's inputs and outputs on checked x, from
-    forwards of the private copy with a temporary hook on that layer (chunked to the budget)."""
+    forwards of the private copy with a temporary hook on that layer (:func:`.streaming.forward_pass`)."""
     module = lin.module.get_submodule(info.module)
     rec: list[tuple[Tensor, Tensor]] = []
 
     def hook(_m, inp, out):
         rec.append((inp[0].detach(), out.detach()))
 
-    size = lin.rows_per_chunk(0)
+    parts, theta = streaming.forward_pass(lin, x)
     with lin._session(grad=False):  # the hook lives on the shared private copy: hold its lock
         handle = module.register_forward_hook(hook)
         try:
-            for s in lin.chunks(x.shape[0], size):
-                lin.function(x[s])(lin.theta_dict())
+            for xp in parts:
+                lin.function(xp)(theta)
         finally:
             handle.remove()
-    if len(rec) != len(lin.chunks(x.shape[0], size)):
+    if len(rec) != len(parts):
         raise RuntimeError(f"the final layer {info.module!r} was not called once per forward")
     phi = torch.cat([a.reshape(a.shape[0], -1) for a, _ in rec])
     return phi, torch.cat([o.reshape(o.shape[0], -1) for _, o in rec])
