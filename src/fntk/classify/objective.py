@@ -21,9 +21,11 @@ F64 = torch.float64
 #: tolerance min(FORCING, ‖∇Ψ‖) relative (quadratic convergence near the MAP; far from it the line
 #: search, not the inexact solve, limits the steps: on the digit transfer 0.1 and 0.01 saved 1-4
 #: Newton steps per λ but cost more CG iterations); CG_MAX iterations before a fresh factorisation
-#: replaces CG; more than CG_REFRESH (about the cost of one factorisation) refresh the
-#: preconditioner for the next step
-FORCING, CG_MAX, CG_REFRESH = 0.5, 60, 12
+#: replaces CG; more than CG_REFRESH (about the cost of one factorisation: last layer, m = 500, a
+#: softmax factorisation 46 ms, a preconditioned CG iteration 1.1-1.5 ms) refresh the
+#: preconditioner for the next step (12 refreshed one step before convergence at a fixed λ, a third
+#: factorisation for nothing)
+FORCING, CG_MAX, CG_REFRESH = 0.5, 60, 30
 
 
 @persist.register("classify.Terms")

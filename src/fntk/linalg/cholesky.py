@@ -25,7 +25,9 @@ def safe_cholesky(
     states the absolute jitter added. Raises ValueError (never a bare torch error) if A contains
     NaN/Inf or stays indefinite.
     """
-    if not bool(torch.isfinite(A).all()):
+    # the sum is non-finite whenever an entry is (or on overflow: then the exact scan decides); a
+    # factorisation of P in the last-layer evidence search took 5.5 ms with the scan, 3.2 ms without
+    if not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
         raise ValueError(f"{what} contains NaN or Inf; cannot factorise it")
     L, info = torch.linalg.cholesky_ex(A)
     if not bool((info > 0).any()):
