@@ -1,10 +1,14 @@
 """Forward-only passes (Linearized.forward, the final layer's taps): cache-sized chunks and the
 channels_last layout for convolutions, probed; the outputs equal the model's own forward."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
 import fntk
+import zoo
 from fntk.linearize import streaming
 from fntk.linearize.taps import final_inputs, final_linear
 
@@ -111,3 +115,15 @@ def test_float32_cnn_channels_last_agrees_with_the_model():
     assert lin.capabilities.layout == "channels_last"
     ref = eval_forward(model, x)
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "hardswish_se", "prelu_cnn"])
+def test_zoo_image_families_in_float32_channels_last_agree_with_float64(name):
+    # float64 is compared entry point by entry point in test_architectures; here the float32
+    # kernels, which the layout changes
+    case = zoo.build(name)
+    ref = eval_forward(case.model, case.x)
+    lin = fntk.Linearized(copy.deepcopy(case.model).float())
+    out = lin.forward(case.x.float())
+    assert lin.capabilities.layout == "channels_last"
+    assert float((out.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -249,13 +249,7 @@ class Linearized:
         """f(x; θ̂): (n, k); batch by batch (concatenated) for a loader."""
         if inputs.is_loader(x):
             return torch.cat([self.forward(xb) for xb in self.batches(x)])
-        x = self.check_input(x)
-        def rows(xs: Tensor) -> Tensor:
-            parts, theta = streaming.forward_pass(self, xs)
-            with self._session(grad=False):
-                return torch.cat([self.function(xp)(theta) for xp in parts])
-
-        return streaming.by_rank(rows, x)
+        return streaming.by_rank(lambda xs: streaming.forward_outputs(self, xs), self.check_input(x))
 
     def jvp_block(self, x: Inputs, V: Tensor) -> Tensor:
         """J(x) V for checked x and V (p, r) → (n, k, r), unchunked (one forward with the tangents

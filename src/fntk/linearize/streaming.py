@@ -227,6 +227,13 @@ def forward_pass(lin: Linearized, x: Inputs) -> tuple[list[Inputs], dict[str, Te
     return [_to_channels_last(p) for p in parts], _channels_last_params(lin)
 
 
+def forward_outputs(lin: Linearized, x: Inputs) -> Tensor:
+    """f(x; θ̂) (n, k) for checked x by the chunks and layout of :func:`forward_pass`."""
+    parts, theta = forward_pass(lin, x)
+    with lin._session(grad=False):
+        return torch.cat([lin.function(xp)(theta) for xp in parts])
+
+
 def chunks(n: int, size: int) -> list[slice]:
     """Consecutive slices of ≤ size rows covering range(n)."""
     size = max(1, int(size))

@@ -360,9 +360,7 @@ def _find_final(lin: Linearized, x: Tensor) -> FinalLinear | None:
         phi, out = final_inputs(lin, info, xb)
     except (RuntimeError, ValueError):
         return None
-    parts, theta = streaming.forward_pass(lin, xb)  # the same layout as final_inputs'
-    with lin._session(grad=False):
-        f = torch.cat([lin.function(xp)(theta) for xp in parts])
+    f = streaming.forward_outputs(lin, xb)  # the chunks and layout of final_inputs
     if out.shape != f.shape or not torch.equal(out, f) or phi.shape != (xb.shape[0], L.d_in):
         return None
     U = torch.randn(xb.shape[0], f.shape[1], 2, generator=torch.Generator().manual_seed(3),
