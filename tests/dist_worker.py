@@ -55,6 +55,62 @@ def all_products(model, x1, x2) -> dict:
     return res
 
 
+def dict_case():
+    """The Hugging Face-style text transformer of tests/zoo.py on dict batches (int64 ids and
+    padding masks), with labels."""
+    from zoo import DictTextClassifier, TextConfig, text_batch
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = DictTextClassifier(TextConfig()).to(torch.float64).eval()
+    return model, text_batch(g, 7), text_batch(g, 4), torch.tensor([0, 1, 2, 0, 1, 2, 1])
+
+
+def dict_products(model, x1, x2, y) -> dict:
+    """Products, kernels, a GGN product and a classifier on dict inputs (7 rows: 4 + 3 per rank)."""
+    import fntk
+    from fntk.likelihoods import Categorical
+
+    lin = fntk.Linearized(model)
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(lin.num_params, 3, generator=g, dtype=torch.float64)
+    res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
+    U = torch.randn(*res["forward"].shape, 3, generator=g, dtype=torch.float64)
+    res["vjp"] = lin.vjp(x1, U)
+    K = fntk.NTKOperator(lin, x1, x2)
+    res["ntk_matmul"] = K @ torch.randn(K.shape[1], 2, generator=g, dtype=torch.float64)
+    res["ntk_full"] = fntk.ntk(lin, x1, x2)
+    res["ntk_one"] = fntk.ntk(lin, {k: v[:1] for k, v in x1.items()}, x2, outputs=0)  # a rank with no rows
+    res["ggn"] = fntk.GGNOperator(lin, x1, Categorical(), y=y) @ V
+    clf = fntk.LinearizedClassifier(model, inference="laplace", prior_precision=2.0).fit(x1, y)
+    res["proba"] = clf.predict_proba(x2)
+    return res
+
+
+def dict_inputs(rank: int, world: int, port: int, out: str, case: str) -> None:
+    """:func:`dict_products` on every rank, saved by rank 0; then rank 1 changes one key's
+    values, and every rank must refuse it naming that key."""
+    _init(rank, world, port)
+    try:
+        model, x1, x2, y = dict_case()
+        res = dict_products(model, x1, x2, y)
+        if rank == 0:
+            torch.save(res, out)
+        import fntk
+
+        bad = dict(x1, attention_mask=x1["attention_mask"].clone())
+        if rank == 1:
+            bad["attention_mask"][0, -1] = 1 - bad["attention_mask"][0, -1]
+        try:
+            fntk.Linearized(model).forward(bad)
+        except ValueError as err:
+            with open(f"{out}.{rank}", "w") as fh:
+                fh.write(str(err))
+    finally:
+        _finish()
+    _exit_ok()
+
+
 def _finish() -> None:
     """Wait for every rank before tearing the group down (gloo aborts a rank whose peer has
     already destroyed its side mid-teardown)."""

@@ -34,6 +34,22 @@ def test_two_ranks_match_single_process(tmp_path, case):
         assert rel_err(got[key], value) <= 1e-10, key
 
 
+def test_dict_inputs_under_two_ranks_match_single_process(tmp_path):
+    """Dict batches (int64 ids and padding masks) are sharded by rows under two ranks: products,
+    kernels, a GGN product and a Laplace classifier give the single-process numbers, and a key
+    that differs between ranks is named on every rank."""
+    out = tmp_path / "dict.pt"
+    _spawn(dist_worker.dict_inputs, out)
+    got = torch.load(out, weights_only=True)
+    ref = dist_worker.dict_products(*dist_worker.dict_case())
+    assert set(got) == set(ref)
+    for key, value in ref.items():
+        assert rel_err(got[key], value) <= 1e-10, key
+    for r in (0, 1):
+        msg = (tmp_path / f"dict.pt.{r}").read_text()
+        assert "x['attention_mask'] differs between ranks" in msg, msg
+
+
 def test_mismatched_inputs_are_reported_on_every_rank(tmp_path):
     out = tmp_path / "err"
     _spawn(dist_worker.mismatched, out)

@@ -120,6 +120,34 @@ def test_both_factorisations_equal_weight_space_backend(factor):
     assert _rel(ma, mb) < 1e-10 and _rel(ca, cb) < 1e-10
 
 
+@pytest.mark.parametrize("n", [30, 11])
+def test_first_map_preconditioned_by_half_the_points(monkeypatch, n):
+    """The first Newton system is preconditioned by the softmax factorisation of every other point
+    (n ≥ 2 d̃ = 12), the posterior factorised on all of them; the MAP and Laplace factors are the
+    weight-space backend's (1e-10) either way."""
+    torch.manual_seed(1)
+    model = tanh_mlp(d_in=3, width=5, k=4).to(DT)
+    x, y = _data(n=n, k=4, seed=3, model=model)
+    lin = fntk.Linearized(model, LAST)
+    x = lin.check_input(x)
+    rows = []
+    init = SoftmaxFactor.__init__
+
+    def record(self, Phi, pi, lam):
+        rows.append(Phi.shape[0])
+        init(self, Phi, pi, lam)
+
+    monkeypatch.setattr(SoftmaxFactor, "__init__", record)
+    ll = LastLayer(lin, x, y, Categorical(), None, final_linear(lin, x), "softmax")
+    assert ll.fit(0.5, TOL, 100).converged
+    assert rows[0] == ((n + 1) // 2 if n >= 12 else n) and rows[-1] == n
+    ws = WeightSpace(lin, x, y, Categorical(), None, dense=True)
+    ws.fit(0.5, TOL, 100)
+    assert _rel(ll.weights(), ws.weights()) < 1e-10
+    assert _rel(ll.log_evidence(), ws.log_evidence()) < 1e-12
+    assert _rel(ll.predict(x)[1], ws.predict(x)[1]) < 1e-10
+
+
 def test_factors_are_the_precision():
     """log det, solves, preconditioner and S blocks of both factorisations against the explicit P."""
     g = torch.Generator().manual_seed(0)
