@@ -39,6 +39,25 @@ def test_nll_hessian_factors_kl(name, k):
         assert rel_err(Hk, H_ref[i]) <= 1e-9
 
 
+@pytest.mark.parametrize("name,k", CANONICAL + HETERO + [("soft_categorical", 4)])
+def test_newton_terms(name, k):
+    """pure_terms (closed forms where a likelihood has them): the NLL, its autograd gradient and
+    a root of the Hessian; soft labels (class probabilities, not summing to one) too."""
+    g = torch.Generator().manual_seed(6)
+    lik, logp, f, y = data("categorical" if name == "soft_categorical" else name, k, g)
+    if name == "soft_categorical":
+        y = torch.rand(N, k, generator=g, dtype=D64)
+        nll_ref = -(y * torch.log_softmax(f, -1)).sum(-1)
+    else:
+        nll_ref = -torch.stack([logp(f[i], y[i]) for i in range(N)])
+    ff = f.clone().requires_grad_(True)
+    grad_ref = torch.autograd.grad(lik.pure_nll(ff, y).sum(), ff)[0]
+    nll, grad, root = lik.pure_terms(f, y)
+    assert rel_err(nll, nll_ref) <= TOL and rel_err(grad, grad_ref) <= TOL
+    assert rel_err(root @ root.mT, lik.hessian(f)) <= TOL
+    assert lik.pure_terms(f, y, root=False)[2] is None
+
+
 def test_inverse_links():
     f = torch.randn(N, 4, dtype=D64)
     assert torch.equal(L.Gaussian().inverse_link(f), f)

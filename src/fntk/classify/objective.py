@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import jvp
 
 from fntk import persist
 from fntk.likelihoods import Likelihood
@@ -34,11 +34,11 @@ class Terms:
 
     def __init__(self, lik: Likelihood, f: Tensor, y: Tensor, factors: bool = True):
         self.f = f
-        self.value = float(lik.pure_nll(f, y).sum())
-        self.g = grad(lambda ff: lik.pure_nll(ff, y).sum())(f)
-        if factors:  # first-order solvers (L-BFGS) need only the value and g
-            Q, ev = lik.pure_factors(f, y)
-            self.L = Q * ev.clamp_min(0).sqrt()[:, None, :]
+        # first-order solvers (L-BFGS) need only the value and g
+        nll, self.g, L = lik.pure_terms(f, y, root=factors)
+        self.value = float(nll.sum())
+        if factors:
+            self.L = L
 
 
 def nll_sum(lik: Likelihood, f: Tensor, y: Tensor) -> float:

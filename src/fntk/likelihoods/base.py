@@ -123,6 +123,17 @@ class Likelihood:
         lam, Q = torch.linalg.eigh(self.pure_hessian(f, y))
         return Q, lam
 
+    def pure_terms(self, f: Tensor, y: Tensor, root: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """What a Newton step needs at f (n, k): (nll per point (n,), g = ∂ Σ_i nll_i / ∂f (n, k),
+        the Hessian root L (n, k, m) with H_i = L_i L_iᵀ, or None with ``root=False``). By
+        default g by autograd and L from :meth:`pure_factors`; closed forms override it."""
+        nll = self.pure_nll(f, y)
+        g = torch.func.grad(lambda ff: self.pure_nll(ff, y).sum())(f)
+        if not root:
+            return nll, g, None
+        Q, ev = self.pure_factors(f, y)
+        return nll, g, Q * ev.clamp_min(0).sqrt()[:, None, :]
+
     def hessian_operator(self, f: Tensor, y: Tensor | None) -> Callable[[Tensor, slice], Tensor]:
         """(U (m, k, r), s) ↦ H[s] U for the points s of fixed (f, y); may precompute (a dense H)."""
         return lambda U, s: self.pure_hvp(f[s], U, None if y is None else y[s])
