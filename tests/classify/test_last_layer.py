@@ -166,7 +166,10 @@ def test_factors_are_the_precision():
         assert F.logdet() == pytest.approx(float(torch.logdet(P)), rel=1e-13)
         want = (Pinv @ B.reshape(2, -1).T).T.reshape(2, k, d)
         torch.testing.assert_close(F.solve(B), want, rtol=1e-11, atol=1e-12)
-        torch.testing.assert_close(F.precondition(B), want, rtol=1e-9, atol=1e-10)
+        # the softmax form preconditions in float32 (CG's residuals stay float64)
+        pre_tol = 1e-5 if isinstance(F, SoftmaxFactor) else 1e-9
+        torch.testing.assert_close(F.precondition(B), want, rtol=pre_tol, atol=pre_tol)
+        assert F.precondition(B).dtype == DT
         torch.testing.assert_close(F.blocks(Phi_x), Jx @ Pinv @ Jx.mT, rtol=1e-11, atol=1e-12)
         torch.testing.assert_close(F.blocks(None), J @ Pinv @ J.mT, rtol=1e-11, atol=1e-12)
 

@@ -12,7 +12,7 @@ from linear_operator.utils.linear_cg import linear_cg
 
 import fntk
 from fntk.errors import NumericalWarning
-from fntk.linalg import check_cg, safe_cholesky
+from fntk.linalg import check_cg, gram, safe_cholesky
 
 from models import tanh_mlp
 
@@ -158,3 +158,13 @@ def test_regressor_cg_cap_warns_and_falls_back_to_direct(space):
     assert any("direct solve" in str(w.message) for w in rec)
     direct = fntk.NTKRegressor(m, solver="direct", **kw).fit(x, y)
     assert torch.allclose(it.predict(xt).mean, direct.predict(xt).mean, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [5, 300, 517])
+def test_gram_is_the_exactly_symmetric_product(n):
+    """AᵀA from its lower block columns (1, 2 and 4 blocks), against the float64 product."""
+
+    A = torch.randn(37, n, generator=torch.Generator().manual_seed(n), dtype=F64)
+    C = gram(A)
+    torch.testing.assert_close(C, A.T @ A, rtol=1e-13, atol=1e-12)
+    assert torch.equal(C, C.T)

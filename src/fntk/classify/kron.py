@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fntk import persist
 from fntk.classify.objective import chol
+from fntk.linalg import gram
 
 #: numbers of float64 kept per block of points in ``blocks`` (sets the chunk size)
 BLOCK_NUMBERS = 2**23
@@ -116,13 +117,11 @@ class SoftmaxFactor:
         X = torch.linalg.solve_triangular(self.Rc.mT, Phi.expand(k, n, d), upper=True, left=False)
         self.Y = X.mT.contiguous()
         self.Yt = (self.Y * pi.T[:, None, :]).reshape(k * d, n)
-        Yt = self.Yt
-        C = -(Yt.T @ Yt)
-        C = 0.5 * (C + C.T)
+        C = gram(self.Yt).neg_()
         C.diagonal().add_(1.0)
         self.Rn = chol(C)
         self.F: Tensor | None = None  # R_C⁻¹ Ỹᵀ (n × p), formed when first needed
-        self.inverses: tuple[Tensor, Tensor] | None = None  # (D⁻¹, C⁻¹), for preconditioning
+        self.pre32: tuple[Tensor, ...] | None = None  # float32 D⁻¹, C⁻¹, Φ̃, π (preconditioning)
 
     def logdet(self) -> float:
         logdet_d = torch.log(self.Rc.diagonal(dim1=1, dim2=2)).sum()
@@ -142,19 +141,22 @@ class SoftmaxFactor:
         return self._r_solve(z.reshape(k, d, r), True).permute(2, 0, 1)
 
     def precondition(self, B: Tensor) -> Tensor:
-        """P⁻¹ B = D⁻¹B + D⁻¹W C⁻¹ Wᵀ D⁻¹B (B (r, k, d̃)) from explicit D⁻¹ and C⁻¹ and the
+        """≈ P⁻¹ B = D⁻¹B + D⁻¹W C⁻¹ Wᵀ D⁻¹B (B (r, k, d̃)) from explicit D⁻¹ and C⁻¹ and the
         structured W (Wᵀv = Σ_c π_:c ⊙ Φ̃ v_c, W s = [Φ̃ᵀ(π_:c ⊙ s)]_c): a fifth of the memory traffic
-        of :meth:`solve`, for the many products of preconditioned CG (the inverses are formed once,
-        in float64; their rounding only affects how fast CG converges)."""
-        if self.inverses is None:
-            self.inverses = (torch.cholesky_inverse(self.Rc), torch.cholesky_inverse(self.Rn))
-        Dinv, Cinv = self.inverses
+        of :meth:`solve`, for the many products of preconditioned CG. The inverses (formed once in
+        float64) and Φ̃, π are kept in float32, whose rounding only affects how fast CG converges
+        (its residuals are float64): 0.45 instead of 0.70 ms per product at n = 500, k = 10,
+        d̃ = 201, the same CG iterations on the digit transfer."""
+        if getattr(self, "pre32", None) is None:  # (absent from factors saved before it existed)
+            inv = (torch.cholesky_inverse(self.Rc), torch.cholesky_inverse(self.Rn), self.Phi, self.pi)
+            self.pre32 = tuple(t.float() for t in inv)
+        Dinv, Cinv, Phi, pi = self.pre32
         k, d, n, r = self.k, self.d, self.n, B.shape[0]
-        u = Dinv @ B.permute(1, 2, 0)  # (k, d̃, r)
-        Pu = (self.Phi @ u.permute(1, 0, 2).reshape(d, k * r)).view(n, k, r)
-        s = Cinv @ (Pu * self.pi[:, :, None]).sum(1)  # C⁻¹ Wᵀu: (n, r)
-        z = (self.Phi.T @ (self.pi[:, :, None] * s[:, None, :]).reshape(n, k * r)).view(d, k, r)
-        return (u + Dinv @ z.permute(1, 0, 2)).permute(2, 0, 1)  # W s: z
+        u = Dinv @ B.permute(1, 2, 0).float()  # (k, d̃, r)
+        Pu = (Phi @ u.permute(1, 0, 2).reshape(d, k * r)).view(n, k, r)
+        s = Cinv @ (Pu * pi[:, :, None]).sum(1)  # C⁻¹ Wᵀu: (n, r)
+        z = (Phi.T @ (pi[:, :, None] * s[:, None, :]).reshape(n, k * r)).view(d, k, r)
+        return (u + Dinv @ z.permute(1, 0, 2)).permute(2, 0, 1).to(B.dtype)  # W s: z
 
     def blocks(self, Phi_x: Tensor | None = None) -> Tensor:
         """S_i[c, c'] = δ_cc' ‖y_ic‖² + e_icᵀ e_ic', y_ic = R_c⁻¹ φ̃_i, e_ic = R_C⁻¹ Ỹ_cᵀ y_ic: (m, k, k);
