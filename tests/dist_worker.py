@@ -35,6 +35,15 @@ def kernels(lin, x1, x2) -> dict:
     }
 
 
+def first_order(lin, x, r: int, g: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """f(x), J V, J(x) and Jᵀ U for r random columns V, U drawn from g: (results, V)."""
+    V = torch.randn(lin.num_params, r, generator=g, dtype=torch.float64)
+    res = {"forward": lin.forward(x), "jvp": lin.jvp(x, V), "jacobian": lin.jacobian(x)}
+    U = torch.randn(*res["forward"].shape, r, generator=g, dtype=torch.float64)
+    res["vjp"] = lin.vjp(x, U)
+    return res, V
+
+
 def all_products(model, x1, x2) -> dict:
     """Every product of Linearized and the operators, and :func:`kernels`, with fixed random
     tangents (a generator seeded 3): what the ranks compute and the single-process reference."""
@@ -42,10 +51,7 @@ def all_products(model, x1, x2) -> dict:
 
     lin = fntk.Linearized(model)
     g = torch.Generator().manual_seed(3)
-    V = torch.randn(lin.num_params, 5, generator=g, dtype=torch.float64)
-    res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
-    U = torch.randn(*res["forward"].shape, 5, generator=g, dtype=torch.float64)
-    res["vjp"] = lin.vjp(x1, U)
+    res, _ = first_order(lin, x1, 5, g)
     K = fntk.NTKOperator(lin, x1, x2)
     W = torch.randn(K.shape[1], 3, generator=g, dtype=torch.float64)
     res["ntk_matmul"] = K @ W
@@ -73,10 +79,7 @@ def dict_products(model, x1, x2, y) -> dict:
 
     lin = fntk.Linearized(model)
     g = torch.Generator().manual_seed(3)
-    V = torch.randn(lin.num_params, 3, generator=g, dtype=torch.float64)
-    res = {"forward": lin.forward(x1), "jvp": lin.jvp(x1, V), "jacobian": lin.jacobian(x1)}
-    U = torch.randn(*res["forward"].shape, 3, generator=g, dtype=torch.float64)
-    res["vjp"] = lin.vjp(x1, U)
+    res, V = first_order(lin, x1, 3, g)
     K = fntk.NTKOperator(lin, x1, x2)
     res["ntk_matmul"] = K @ torch.randn(K.shape[1], 2, generator=g, dtype=torch.float64)
     res["ntk_full"] = fntk.ntk(lin, x1, x2)
@@ -101,14 +104,19 @@ def dict_inputs(rank: int, world: int, port: int, out: str, case: str) -> None:
         bad = dict(x1, attention_mask=x1["attention_mask"].clone())
         if rank == 1:
             bad["attention_mask"][0, -1] = 1 - bad["attention_mask"][0, -1]
-        try:
-            fntk.Linearized(model).forward(bad)
-        except ValueError as err:
-            with open(f"{out}.{rank}", "w") as fh:
-                fh.write(str(err))
+        _save_refusal(lambda: fntk.Linearized(model).forward(bad), out, rank)
     finally:
         _finish()
     _exit_ok()
+
+
+def _save_refusal(call, out: str, rank: int) -> None:
+    """Run call(); the message of the ValueError it raises goes to the file ``{out}.{rank}``."""
+    try:
+        call()
+    except ValueError as err:
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(str(err))
 
 
 def _finish() -> None:
@@ -152,12 +160,7 @@ def mismatched(rank: int, world: int, port: int, out: str, case: str) -> None:
     _init(rank, world, port)
     try:
         model, x1, _ = make(case)
-        lin = fntk.Linearized(model)
-        try:
-            lin.forward(x1 + rank)
-        except ValueError as err:
-            with open(f"{out}.{rank}", "w") as fh:
-                fh.write(str(err))
+        _save_refusal(lambda: fntk.Linearized(model).forward(x1 + rank), out, rank)
     finally:
         _finish()
     _exit_ok()
