@@ -15,6 +15,7 @@ from fntk.classify import cost
 from fntk.classify.evidence import optimize_prior_precision
 from fntk.classify.kron import KronFactor, SoftmaxFactor, kron_ggn
 from fntk.classify.last_layer import LastLayer
+from fntk.classify.objective import Terms
 from fntk.classify.weight_space import WeightSpace
 from fntk.likelihoods import Bernoulli, Categorical
 from fntk.linearize.taps import final_linear
@@ -146,6 +147,27 @@ def test_first_map_preconditioned_by_half_the_points(monkeypatch, n):
     assert _rel(ll.weights(), ws.weights()) < 1e-10
     assert _rel(ll.log_evidence(), ws.log_evidence()) < 1e-12
     assert _rel(ll.predict(x)[1], ws.predict(x)[1]) < 1e-10
+
+
+def test_newton_direction_survives_a_broken_preconditioner():
+    """A preconditioner whose float32 copies overflowed (inf) cannot mislead a Newton step: CG's
+    float64 residual rejects it and the direction comes from a fresh exact factorisation."""
+    torch.manual_seed(1)
+    model = tanh_mlp(d_in=3, width=5, k=4).to(DT)
+    x, y = _data(n=30, k=4, seed=3, model=model)
+    lin = fntk.Linearized(model, LAST)
+    x = lin.check_input(x)
+    ll = LastLayer(lin, x, y, Categorical(), None, final_linear(lin, x), "softmax")
+    ll.fit(0.5, TOL, 100)
+    ll.Wm = ll.Wm + 0.1  # away from the MAP
+    terms = Terms(Categorical(), ll._logits(ll.Wm), y)
+    G = terms.g.T @ ll.Phi + 0.5 * (ll.Wm - ll.M0)
+    want = SoftmaxFactor(ll.Phi, torch.softmax(terms.f, -1), 0.5).solve(G[None])[0]
+    ll.factor.precondition(G[None])  # forms the float32 copies, then break them
+    ll.factor.pre32 = tuple(torch.full_like(t, float("inf")) for t in ll.factor.pre32)
+    before = ll.factorizations
+    got = ll._direction(terms, G, float(G.norm()), 0.5)
+    assert ll.factorizations == before + 1 and _rel(got, want) < 1e-12
 
 
 def test_factors_are_the_precision():
