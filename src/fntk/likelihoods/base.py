@@ -127,8 +127,11 @@ class Likelihood:
         """What a Newton step needs at f (n, k): (nll per point (n,), g = ∂ Σ_i nll_i / ∂f (n, k),
         the Hessian root L (n, k, m) with H_i = L_i L_iᵀ, or None with ``root=False``). By
         default g by autograd and L from :meth:`pure_factors`; closed forms override it."""
-        nll = self.pure_nll(f, y)
-        g = torch.func.grad(lambda ff: self.pure_nll(ff, y).sum())(f)
+        def total(ff: Tensor) -> tuple[Tensor, Tensor]:
+            nll = self.pure_nll(ff, y)
+            return nll.sum(), nll
+
+        g, (_, nll) = torch.func.grad_and_value(total, has_aux=True)(f)  # one NLL evaluation
         if not root:
             return nll, g, None
         Q, ev = self.pure_factors(f, y)
